@@ -1,0 +1,75 @@
+"""Framework adapters: turn a model file or an in-memory model into an ONNX graph with features.
+
+Only this package imports training frameworks, and each module imports its framework lazily,
+so that scanning a bare ONNX file needs neither torch nor keras.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from backdoorscan.adapters.base import FEATURES, LOGITS, Adapter, AdapterError, OnnxExport
+
+TORCH_SUFFIXES = {".pt", ".pth", ".bin", ".pkl", ".ts", ".pt2", ".ckpt"}
+KERAS_SUFFIXES = {".keras", ".h5", ".hdf5"}
+
+__all__ = [
+    "FEATURES",
+    "LOGITS",
+    "Adapter",
+    "AdapterError",
+    "OnnxExport",
+    "from_object",
+    "load",
+]
+
+
+def load(path: str | Path, **options: Any) -> Adapter:
+    """Pick the adapter for a model file by its suffix and load the model without trusting it.
+
+    ``options`` are passed to the framework's loader (``arch``, ``arch_kwargs``, ``input_shape``
+    for PyTorch state dicts); the ONNX adapter ignores the ones it does not need.
+    """
+    p = Path(path)
+    suffix = p.suffix.lower()
+    if suffix == ".onnx" or suffix not in TORCH_SUFFIXES | KERAS_SUFFIXES:
+        from backdoorscan.adapters import onnx as onnx_adapter
+
+        return onnx_adapter.load(p)
+    if suffix in TORCH_SUFFIXES:
+        from backdoorscan.adapters import torch as torch_adapter
+
+        return torch_adapter.load(p, **options)
+    from backdoorscan.adapters import keras as keras_adapter
+
+    return keras_adapter.load(p, **options)
+
+
+def from_object(model: Any, **options: Any) -> Adapter:
+    """Wrap an in-memory ``torch.nn.Module``, ``keras.Model`` or ``onnx.ModelProto``."""
+    kind = type(model).__module__.split(".")[0]
+    if kind == "onnx":
+        from backdoorscan.adapters import onnx as onnx_adapter
+
+        return onnx_adapter.OnnxAdapter(model)
+    if kind == "torch" or _is_torch_module(model):
+        from backdoorscan.adapters import torch as torch_adapter
+
+        return torch_adapter.from_module(model, **options)
+    if kind in {"keras", "tf_keras", "tensorflow"} or _is_keras_model(model):
+        from backdoorscan.adapters import keras as keras_adapter
+
+        return keras_adapter.from_model(model, **options)
+    raise AdapterError(
+        f"cannot scan an object of type {type(model).__name__}: pass a torch.nn.Module, "
+        "a keras.Model, an onnx.ModelProto, or a path to a model file"
+    )
+
+
+def _is_torch_module(model: Any) -> bool:
+    return any(c.__module__.startswith("torch.nn") for c in type(model).__mro__)
+
+
+def _is_keras_model(model: Any) -> bool:
+    return any(c.__module__.startswith("keras") for c in type(model).__mro__)
