@@ -38,6 +38,9 @@ class OnnxExport:
     feature_dim: int | None = None
     num_classes: int | None = None
     notes: list[str] = field(default_factory=list)
+    framework: str = "onnx"
+    logits_name: str = LOGITS
+    features_name: str = FEATURES
 
 
 @runtime_checkable

@@ -1,0 +1,454 @@
+"""The ``backdoorscan`` command line: parses options, calls the library, renders the report.
+
+Exit codes: 0 nothing found, 1 backdoor found, 2 error, 3 nothing scanned, 4 usage error.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import click
+
+from backdoorscan import __version__
+from backdoorscan.scanner.config import DetectConfig
+from backdoorscan.scanner.report import (
+    EXIT_ERROR,
+    EXIT_USAGE,
+    Report,
+    atomic_write_text,
+)
+
+DEMO_DIR = Path(__file__).parent / "data"
+
+
+class ScanError(click.ClickException):
+    """An error the user can act on: printed as one line, exit code 2."""
+
+    exit_code = EXIT_ERROR
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"error: {self.format_message()}", err=True)
+
+
+def _floats(text: str | None) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _shape(text: str | None) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        dims = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers, got {text!r}") from None
+    if not dims or min(dims) < 1:
+        raise click.BadParameter(f"expected positive dimensions, got {text!r}")
+    return dims
+
+
+def _clusters(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        k = int(text)
+    except ValueError:
+        raise click.BadParameter("expected an integer >= 2 or 'auto'") from None
+    if k < 2:
+        raise click.BadParameter("expected an integer >= 2 or 'auto'")
+    return k
+
+
+def model_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Options that tell a framework adapter how to load a model file."""
+    opts = [
+        click.option(
+            "--arch",
+            metavar="MODULE:CALLABLE",
+            help="PyTorch state dicts: the architecture to load the weights into.",
+        ),
+        click.option(
+            "--arch-kwargs", metavar="JSON", help="Keyword arguments for --arch, as JSON."
+        ),
+        click.option(
+            "--input-shape",
+            metavar="C,H,W",
+            help="Per-sample input shape, for PyTorch state dicts.",
+        ),
+        click.option(
+            "--layer",
+            metavar="NAME",
+            help="Hidden layer to cluster (ONNX tensor, PyTorch module path or Keras "
+            "layer name). Default: the input of the last linear layer.",
+        ),
+    ]
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
+
+
+def _adapter_kwargs(
+    arch: str | None, arch_kwargs: str | None, input_shape: str | None
+) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if arch:
+        out["arch"] = arch
+    if arch_kwargs:
+        try:
+            out["arch_kwargs"] = json.loads(arch_kwargs)
+        except json.JSONDecodeError as exc:
+            raise click.BadParameter(f"--arch-kwargs is not valid JSON: {exc.msg}") from None
+        if not isinstance(out["arch_kwargs"], dict):
+            raise click.BadParameter("--arch-kwargs must be a JSON object")
+    shape = _shape(input_shape)
+    if shape:
+        out["input_shape"] = shape
+    return out
+
+
+@contextmanager
+def _errors() -> Iterator[None]:
+    """Turn the library's errors into one-line messages with exit code 2."""
+    from backdoorscan.adapters.base import AdapterError
+    from backdoorscan.scanner.data import DataError
+    from backdoorscan.scanner.extract import ExtractionError
+
+    try:
+        yield
+    except (AdapterError, DataError, ExtractionError) as exc:
+        raise ScanError(str(exc)) from None
+    except MemoryError:
+        raise ScanError("out of memory; lower --batch-size or scan a subset") from None
+    except (OSError, ValueError) as exc:
+        raise ScanError(f"{type(exc).__name__}: {exc}") from None
+
+
+@contextmanager
+def _progress(enabled: bool) -> Iterator[tuple[Callable[[int], None], Callable[[int], None]]]:
+    """A progress bar on stderr, shown only when stderr is a terminal."""
+    state: dict[str, Any] = {}
+
+    def start(total: int) -> None:
+        if enabled and sys.stderr.isatty():
+            bar = click.progressbar(length=total, label="extracting activations", file=sys.stderr)
+            state["bar"] = bar.__enter__()
+
+    def step(n: int) -> None:
+        if "bar" in state:
+            state["bar"].update(n)
+
+    try:
+        yield start, step
+    finally:
+        if "bar" in state:
+            state["bar"].__exit__(None, None, None)
+
+
+def _emit(report: Report, fmt: str, output: Path | None, quiet: bool) -> None:
+    text = report.render(fmt)
+    if output is not None:
+        with _errors():
+            atomic_write_text(output, text)
+        if not quiet:
+            click.echo(report.to_text() if fmt != "text" else text, nl=False)
+            click.echo(f"report written to {output}", err=True)
+    elif not quiet or fmt != "text":
+        click.echo(text, nl=False)
+
+
+def _detect_config(**kw: Any) -> Any:
+    rule = tuple(r.strip() for r in kw.pop("rule").split(",") if r.strip())
+    try:
+        return DetectConfig(rule=rule, **kw)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+_D = DetectConfig()
+
+
+def detect_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Options of the clustering and of the decision rule (defaults from DetectConfig)."""
+    opts = [
+        click.option(
+            "--reduce",
+            type=click.Choice(["ica", "pca", "none"]),
+            default=_D.reduce,
+            show_default=True,
+            help="Dimensionality reduction per class.",
+        ),
+        click.option(
+            "--n-components",
+            type=click.IntRange(1),
+            default=_D.n_components,
+            show_default=True,
+            help="Dimensions to reduce to.",
+        ),
+        click.option(
+            "--clusters",
+            "n_clusters",
+            default=str(_D.n_clusters),
+            show_default=True,
+            callback=lambda _c, _p, v: _clusters(v),
+            help="Clusters per class: an integer, or 'auto' (2..5 by silhouette).",
+        ),
+        click.option(
+            "--size-threshold",
+            type=click.FloatRange(0, 1, min_open=True, max_open=True),
+            default=_D.size_threshold,
+            show_default=True,
+            help="A cluster smaller than this share of its class is a candidate.",
+        ),
+        click.option(
+            "--separation-threshold",
+            type=click.FloatRange(0),
+            default=_D.separation_threshold,
+            show_default=True,
+            help="Gap (pooled std) above which a cluster is apart.",
+        ),
+        click.option(
+            "--rule",
+            default=",".join(_D.rule),
+            show_default=True,
+            help="Analyses that must all agree to flag a class "
+            "(size, separation, silhouette, distance).",
+        ),
+        click.option("--seed", type=int, default=_D.seed, show_default=True, help="Random seed."),
+    ]
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
+
+
+def output_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Report format, destination and verbosity."""
+    opts = [
+        click.option(
+            "--format",
+            "fmt",
+            type=click.Choice(["text", "json"]),
+            default="text",
+            show_default=True,
+            help="Report format.",
+        ),
+        click.option(
+            "-o",
+            "--output",
+            type=click.Path(dir_okay=False, path_type=Path),
+            help="Write the report to this file (atomically) instead of stdout.",
+        ),
+        click.option("-q", "--quiet", is_flag=True, help="No progress bar, no summary."),
+    ]
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="backdoorscan")
+def cli() -> None:
+    """Find backdoor poisoning in a model and its training data (Activation Clustering).
+
+    \b
+    Exit codes: 0 nothing found, 1 backdoor found, 2 error, 3 nothing scanned, 4 usage error.
+    Example:
+      backdoorscan scan model.onnx --data train.npz --format json -o report.json
+    """
+
+
+@cli.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option(
+    "--data",
+    "data_path",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Training data: .npz with arrays x and y, or .npy samples with --labels.",
+)
+@click.option("--labels", type=click.Path(path_type=Path), help="Labels .npy, with --data x.npy.")
+@click.option("--x-key", default="x", show_default=True, help="Array name of the samples in .npz.")
+@click.option("--y-key", default="y", show_default=True, help="Array name of the labels in .npz.")
+@click.option("--scale", type=float, help="Multiply samples by this first (e.g. 0.00392 for /255).")
+@click.option("--mean", help="Subtract this (one value, or one per channel, comma-separated).")
+@click.option("--std", help="Then divide by this (one value, or one per channel).")
+@click.option(
+    "--device",
+    type=click.Choice(["auto", "cpu", "cuda"]),
+    default="auto",
+    show_default=True,
+    help="Where ONNX Runtime runs; auto takes CUDA when it loads.",
+)
+@click.option("--batch-size", type=click.IntRange(1), default=256, show_default=True)
+@model_options
+@detect_options
+@output_options
+def scan(
+    model: Path,
+    data_path: Path,
+    labels: Path | None,
+    x_key: str,
+    y_key: str,
+    scale: float | None,
+    mean: str | None,
+    std: str | None,
+    device: str,
+    batch_size: int,
+    arch: str | None,
+    arch_kwargs: str | None,
+    input_shape: str | None,
+    layer: str | None,
+    fmt: str,
+    output: Path | None,
+    quiet: bool,
+    **detect_kw: Any,
+) -> None:
+    """Scan MODEL with the data it was trained on; report the classes that hold poison.
+
+    \b
+    Examples:
+      backdoorscan scan model.onnx --data train.npz
+      backdoorscan scan model.onnx --data x.npy --labels y.npy --scale 0.00392 \
+        --format json -o report.json
+      backdoorscan scan weights.pt --arch mypkg.models:Net --input-shape 1,28,28 --data train.npz
+    """
+    from backdoorscan.scanner import scan as run_scan
+
+    cfg = _detect_config(**detect_kw)
+    kwargs = _adapter_kwargs(arch, arch_kwargs, input_shape)
+    with _errors(), _progress(not quiet) as (start, step):
+        report = run_scan(
+            model,
+            data=data_path,
+            labels=labels,
+            x_key=x_key,
+            y_key=y_key,
+            layer=layer,
+            device=device,
+            batch_size=batch_size,
+            scale=scale,
+            mean=_floats(mean),
+            std=_floats(std),
+            config=cfg,
+            progress=step,
+            on_extract_start=start,
+            **kwargs,
+        )
+    _emit(report, fmt, output, quiet)
+    sys.exit(report.exit_code)
+
+
+@cli.command()
+@output_options
+def demo(fmt: str, output: Path | None, quiet: bool) -> None:
+    """Scan the shipped demo: an 8x8-digits classifier with a planted backdoor (exit 1).
+
+    \b
+    Some 7s carry a 2x2 trigger in the corner and are labelled 1; the scan should find them.
+    Example:
+      backdoorscan demo
+    """
+    import numpy as np
+
+    from backdoorscan.scanner import scan as run_scan
+
+    data = DEMO_DIR / "demo.npz"
+    with _errors(), _progress(not quiet) as (start, step):
+        report = run_scan(
+            DEMO_DIR / "demo.onnx",
+            data=data,
+            config=DetectConfig(),
+            progress=step,
+            on_extract_start=start,
+        )
+        with np.load(data, allow_pickle=False) as arrays:
+            truth = arrays["poison"]
+    flagged = report.is_flagged()
+    tp = int((flagged & truth).sum())
+    precision = tp / max(int(flagged.sum()), 1)
+    recall = tp / max(int(truth.sum()), 1)
+    report.notes.append(
+        f"demo truth: {int(truth.sum())} poisoned samples (7s with the trigger, labelled 1); "
+        f"flagged {int(flagged.sum())}, precision {precision:.2f}, recall {recall:.2f}"
+    )
+    _emit(report, fmt, output, quiet)
+    sys.exit(report.exit_code)
+
+
+@cli.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@model_options
+def layers(
+    model: Path,
+    arch: str | None,
+    arch_kwargs: str | None,
+    input_shape: str | None,
+    layer: str | None,
+) -> None:
+    """List the hidden tensors of MODEL that can be clustered; the default is marked with *.
+
+    \b
+    Example:
+      backdoorscan layers model.onnx
+    """
+    from backdoorscan import adapters
+
+    kwargs = _adapter_kwargs(arch, arch_kwargs, input_shape)
+    with _errors():
+        adapter = adapters.load(model, **kwargs)
+        rows = adapter.layers()  # type: ignore[attr-defined]
+    if not rows:
+        raise ScanError("no candidate hidden layers found")
+    for row in rows:
+        name, op, shape, default = _layer_row(row)
+        dims = "x".join("?" if d is None or isinstance(d, str) else str(d) for d in shape) or "?"
+        click.echo(f"{'*' if default else ' '} {name:<40} {op:<20} {dims}")
+
+
+def _layer_row(row: Any) -> tuple[str, str, tuple[Any, ...], bool]:
+    if hasattr(row, "name"):
+        return row.name, row.op_type, tuple(row.shape), bool(row.default)
+    name, op, shape, *rest = row
+    return name, op, tuple(shape or ()), bool(rest[0]) if rest else False
+
+
+def _on_signal(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: run the CLI and map every outcome to the documented exit codes."""
+    signal.signal(signal.SIGTERM, _on_signal)
+    try:
+        rv = cli.main(args=argv, prog_name="backdoorscan", standalone_mode=False)
+    except click.exceptions.NoArgsIsHelpError as exc:
+        click.echo(exc.ctx.get_help() if exc.ctx else str(exc))
+        sys.exit(EXIT_USAGE)
+    except click.UsageError as exc:
+        exc.show()
+        sys.exit(EXIT_USAGE)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        click.echo("error: interrupted; no report was written", err=True)
+        sys.exit(EXIT_ERROR)
+    except KeyboardInterrupt:
+        click.echo("error: interrupted; no report was written", err=True)
+        sys.exit(EXIT_ERROR)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    sys.exit(rv if isinstance(rv, int) else 0)
+
+
+if __name__ == "__main__":
+    main()

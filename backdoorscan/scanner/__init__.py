@@ -1,0 +1,134 @@
+"""The scan pipeline: model -> ONNX with features -> batched extraction -> per-class clustering."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from backdoorscan import adapters
+from backdoorscan.adapters.base import Adapter, OnnxExport
+from backdoorscan.scanner.config import DetectConfig
+from backdoorscan.scanner.data import DataError, Dataset, conform, from_arrays, load_data
+from backdoorscan.scanner.detect import detect
+from backdoorscan.scanner.extract import Activations, ExtractionError, extract
+from backdoorscan.scanner.report import Report
+
+__all__ = [
+    "DataError",
+    "Dataset",
+    "DetectConfig",
+    "ExtractionError",
+    "Report",
+    "detect",
+    "prepare",
+    "scan",
+    "sha256_file",
+]
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def prepare(
+    model: Any,
+    *,
+    layer: str | None = None,
+    **model_options: Any,
+) -> tuple[Adapter, OnnxExport]:
+    """Load a model (path or object) through its adapter and export it with a features output."""
+    if isinstance(model, (str, Path)):
+        adapter = adapters.load(model, **model_options)
+    else:
+        adapter = adapters.from_object(model, **model_options)
+    return adapter, adapter.to_onnx(layer)
+
+
+def scan(
+    model: Any,
+    x: np.ndarray | None = None,
+    y: np.ndarray | None = None,
+    *,
+    data: str | Path | Dataset | None = None,
+    labels: str | Path | None = None,
+    x_key: str = "x",
+    y_key: str = "y",
+    layer: str | None = None,
+    device: str = "auto",
+    batch_size: int = 256,
+    scale: float | None = None,
+    mean: list[float] | None = None,
+    std: list[float] | None = None,
+    config: DetectConfig | None = None,
+    progress: Callable[[int], None] | None = None,
+    on_extract_start: Callable[[int], None] | None = None,
+    **model_options: Any,
+) -> Report:
+    """Scan a model and its training data for backdoor poisoning; return the report.
+
+    ``model`` is a path (ONNX, PyTorch, Keras) or an in-memory model; the data comes as arrays
+    ``x``, ``y`` or as a file (``data``, optionally ``labels``).
+    """
+    timings: dict[str, float] = {}
+    t = time.perf_counter()
+    if isinstance(data, Dataset):
+        ds = data
+    elif data is not None:
+        ds = load_data(data, labels, x_key=x_key, y_key=y_key)
+    elif x is not None and y is not None:
+        ds = from_arrays(x, y)
+    else:
+        raise DataError("no data given: pass x and y, or a data file")
+    if "input_shape" not in model_options and not isinstance(model, (str, Path)):
+        model_options["input_shape"] = tuple(ds.x.shape[1:])
+    adapter, export = prepare(model, layer=layer, **model_options)
+    timings["load"] = time.perf_counter() - t
+    conform(
+        ds,
+        export.input_shape,
+        export.input_dtype,
+        export.num_classes,
+        scale=scale,
+        mean=mean,
+        std=std,
+    )
+    t = time.perf_counter()
+    if on_extract_start is not None:
+        on_extract_start(len(ds))
+    acts: Activations = extract(export, ds, device=device, batch_size=batch_size, progress=progress)
+    timings["extract"] = time.perf_counter() - t
+    if int(ds.y.max()) >= acts.num_classes:
+        raise DataError(
+            f"labels go up to {int(ds.y.max())} but the model has {acts.num_classes} classes"
+        )
+    report = detect(acts.features, ds.y, config)
+    timings.update(report.timings)
+    report.timings = timings
+    report.provider = acts.provider
+    report.model = {
+        "framework": adapter.framework,
+        "layer": export.layer,
+        "feature_dim": int(acts.features.shape[1]),
+        "num_classes": acts.num_classes,
+    }
+    if isinstance(model, (str, Path)):
+        report.model |= {"path": str(model), "sha256": sha256_file(model)}
+    report.data |= {"source": ds.source, "n_samples": len(ds)}
+    if isinstance(data, (str, Path)):
+        report.data |= {"path": str(data), "sha256": sha256_file(data)}
+        if labels is not None:
+            report.data["labels_sha256"] = sha256_file(labels)
+    agree = float((acts.predictions == ds.y).mean())
+    report.data["model_agreement"] = round(agree, 6)
+    report.notes.extend(export.notes + ds.notes)
+    return report

@@ -1,0 +1,50 @@
+"""The detector's parameters, in one place (light to import: the CLI reads its defaults here)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+ANALYSES = ("size", "separation", "silhouette", "distance")
+
+
+@dataclass
+class DetectConfig:
+    """Every parameter of the detector, in one place; ``seed`` drives every random choice."""
+
+    reduce: str = "ica"
+    n_components: int = 10
+    n_clusters: int | str = 2
+    max_clusters: int = 5
+    n_init: int = 10
+    size_threshold: float = 0.35
+    separation_threshold: float = 5.0
+    silhouette_threshold: float = 0.25
+    rule: tuple[str, ...] = ("size", "separation")
+    min_class_size: int = 20
+    silhouette_max_exact: int = 4000
+    ica_max_iter: int = 200
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.reduce not in ("pca", "ica", "none"):
+            raise ValueError(f"reduce must be pca, ica or none, not {self.reduce!r}")
+        if isinstance(self.n_clusters, str) and self.n_clusters != "auto":
+            raise ValueError(
+                f"n_clusters must be an integer >= 2 or 'auto', not {self.n_clusters!r}"
+            )
+        if isinstance(self.n_clusters, int) and self.n_clusters < 2:
+            raise ValueError("n_clusters must be at least 2")
+        if self.n_components < 1:
+            raise ValueError("n_components must be at least 1")
+        if not 0 < self.size_threshold < 1:
+            raise ValueError("size_threshold must lie between 0 and 1")
+        unknown = set(self.rule) - set(ANALYSES)
+        if unknown or not self.rule:
+            raise ValueError(f"rule must name analyses among {', '.join(ANALYSES)}")
+
+    def as_dict(self) -> dict[str, Any]:
+        """Settings for the report."""
+        out = asdict(self)
+        out["rule"] = list(self.rule)
+        return out

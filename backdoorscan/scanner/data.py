@@ -1,0 +1,220 @@
+"""Training data in, batches out: load ``.npz``/``.npy`` safely, check it against the model.
+
+Arrays are loaded once (``.npy`` files are memory-mapped, so a data set larger than memory
+streams from disk) and converted batch by batch: the whole set is never copied twice.
+Object arrays are refused (``allow_pickle=False``): a data file is untrusted input too.
+"""
+
+from __future__ import annotations
+
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+
+class DataError(ValueError):
+    """The data cannot be scanned with this model; the message names the problem."""
+
+
+@dataclass
+class Dataset:
+    """Samples ``x`` and integer labels ``y``, plus the conversion applied to each batch.
+
+    ``layout`` is ``None`` (as given), ``"nhwc->nchw"``, ``"nchw->nhwc"`` or ``"add-channel"``.
+    """
+
+    x: np.ndarray
+    y: np.ndarray
+    source: str = "<arrays>"
+    scale: float | None = None
+    mean: np.ndarray | None = None
+    std: np.ndarray | None = None
+    dtype: str = "float32"
+    layout: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return int(self.y.shape[0])
+
+    def batch(self, start: int, stop: int) -> np.ndarray:
+        """Samples ``start:stop`` converted to what the model takes."""
+        xb = np.asarray(self.x[start:stop])
+        if self.layout == "nhwc->nchw":
+            xb = np.moveaxis(xb, -1, 1)
+        elif self.layout == "nchw->nhwc":
+            xb = np.moveaxis(xb, 1, -1)
+        elif self.layout == "add-channel":
+            xb = xb[:, None]
+        if np.issubdtype(np.dtype(self.dtype), np.integer):
+            return np.ascontiguousarray(xb, dtype=self.dtype)
+        xb = xb.astype(self.dtype, copy=True)
+        if self.scale is not None:
+            xb *= self.scale
+        if self.mean is not None:
+            xb -= self.mean.reshape(_channel_shape(self.mean, xb))
+        if self.std is not None:
+            xb /= self.std.reshape(_channel_shape(self.std, xb))
+        if not np.isfinite(xb).all():
+            bad = start + int(np.argwhere(~np.isfinite(xb.reshape(len(xb), -1)))[0, 0])
+            raise DataError(f"sample {bad} holds NaN or Inf values")
+        return np.ascontiguousarray(xb)
+
+    def batches(self, batch_size: int) -> Iterator[tuple[int, np.ndarray]]:
+        """Yield ``(start, batch)`` over the whole set."""
+        for start in range(0, len(self), batch_size):
+            yield start, self.batch(start, min(start + batch_size, len(self)))
+
+
+def _channel_shape(stat: np.ndarray, xb: np.ndarray) -> tuple[int, ...]:
+    if stat.size == 1:
+        return (1,) * xb.ndim
+    shape = [1] * xb.ndim
+    # Per-channel statistics apply to the channel axis: 1 for NCHW, the last one otherwise.
+    axis = 1 if xb.ndim >= 3 and xb.shape[1] == stat.size else xb.ndim - 1
+    if xb.shape[axis] != stat.size:
+        raise DataError(
+            f"--mean/--std have {stat.size} values but samples have shape {xb.shape[1:]}"
+        )
+    shape[axis] = stat.size
+    return tuple(shape)
+
+
+def _load_array(path: Path, key: str | None, what: str) -> np.ndarray:
+    """Read one array from ``.npy`` (memory-mapped) or one member of ``.npz``, never unpickling."""
+    if not path.exists():
+        raise DataError(f"{what} file not found: {path}")
+    if path.is_dir():
+        raise DataError(f"{what} path is a folder, not a file: {path}")
+    if path.stat().st_size == 0:
+        raise DataError(f"{what} file is empty: {path}")
+    try:
+        if path.suffix.lower() == ".npy" or key is None:
+            arr = np.load(path, mmap_mode="r", allow_pickle=False)
+            if isinstance(arr, np.lib.npyio.NpzFile):
+                raise DataError(f"{path.name} is an .npz archive; pass it with --data")
+            return _check_plain(arr, path.name)
+        with np.load(path, allow_pickle=False) as archive:
+            if key not in archive.files:
+                keys = ", ".join(archive.files) or "none"
+                raise DataError(f"{path.name} has no array {key!r} (it has: {keys})")
+            return _check_plain(archive[key], f"{path.name}[{key}]")
+    except DataError:
+        raise
+    except ValueError as exc:
+        if "pickle" in str(exc).lower() or "object" in str(exc).lower():
+            raise DataError(
+                f"{path.name} holds object arrays, which are refused (no unpickling)"
+            ) from None
+        raise DataError(f"{path.name} is not a readable numpy file ({exc})") from None
+    except (OSError, EOFError, zipfile.BadZipFile) as exc:
+        raise DataError(
+            f"{path.name} is not a readable numpy file ({type(exc).__name__})"
+        ) from None
+
+
+def _check_plain(arr: np.ndarray, name: str) -> np.ndarray:
+    if arr.dtype.hasobject or arr.dtype.kind not in "biuf":
+        raise DataError(f"{name} has dtype {arr.dtype}; numbers are required")
+    return arr
+
+
+def load_data(
+    data: str | Path,
+    labels: str | Path | None = None,
+    *,
+    x_key: str = "x",
+    y_key: str = "y",
+) -> Dataset:
+    """Load samples and labels from one ``.npz`` (``x_key``, ``y_key``) or two ``.npy`` files."""
+    data = Path(data)
+    if labels is not None:
+        x = _load_array(data, None, "data")
+        y = _load_array(Path(labels), None, "labels")
+        source = f"{data.name} + {Path(labels).name}"
+    else:
+        if data.suffix.lower() == ".npy":
+            raise DataError(f"{data.name} holds samples only: pass the labels with --labels")
+        x = _load_array(data, x_key, "data")
+        y = _load_array(data, y_key, "data")
+        source = data.name
+    return from_arrays(x, y, source=source)
+
+
+def from_arrays(x: np.ndarray, y: np.ndarray, *, source: str = "<arrays>") -> Dataset:
+    """Wrap in-memory arrays after checking the labels and lengths."""
+    x = np.asarray(x) if not isinstance(x, np.ndarray) else x
+    y = np.asarray(y)
+    if x.ndim == 0 or x.shape[0] == 0:
+        raise DataError("the data set holds no samples")
+    if y.ndim != 1:
+        if y.ndim == 2 and y.shape[1] > 1 and np.isin(y, (0, 1)).all() and (y.sum(1) == 1).all():
+            raise DataError("labels look one-hot encoded; pass class indices (argmax) instead")
+        raise DataError(f"labels must be a 1-D array, got shape {y.shape}")
+    if x.shape[0] != y.shape[0]:
+        raise DataError(f"{x.shape[0]} samples but {y.shape[0]} labels")
+    if y.dtype.kind == "f":
+        raise DataError(f"labels have float dtype {y.dtype}; integer class indices are required")
+    if y.dtype.kind == "b" or y.dtype.kind not in "iu":
+        raise DataError(f"labels have dtype {y.dtype}; integer class indices are required")
+    y = np.asarray(y, dtype=np.int64)
+    if y.min() < 0:
+        raise DataError(f"labels must be >= 0; found {int(y.min())}")
+    return Dataset(x=x, y=y, source=source)
+
+
+def conform(
+    ds: Dataset,
+    input_shape: tuple[int | None, ...],
+    input_dtype: str,
+    num_classes: int | None,
+    *,
+    scale: float | None = None,
+    mean: list[float] | None = None,
+    std: list[float] | None = None,
+) -> Dataset:
+    """Check the data against the model's input and classes; set the per-batch conversion."""
+    sample = tuple(ds.x.shape[1:])
+    ds.dtype = "int64" if np.issubdtype(np.dtype(input_dtype), np.integer) else input_dtype
+    ds.layout = _layout(sample, input_shape)
+    if ds.layout is not None:
+        ds.notes.append(f"samples converted {ds.layout.replace('->', ' to ')}")
+    if np.issubdtype(np.dtype(ds.dtype), np.integer):
+        if ds.x.dtype.kind == "f":
+            raise DataError(
+                f"model takes integer inputs (token ids) but the data has dtype {ds.x.dtype}"
+            )
+        if scale is not None or mean is not None or std is not None:
+            raise DataError("--scale/--mean/--std apply to float inputs, not token ids")
+    elif ds.x.dtype.kind not in "biuf":
+        raise DataError(f"samples have dtype {ds.x.dtype}; numbers are required")
+    if num_classes is not None and int(ds.y.max()) >= num_classes:
+        raise DataError(
+            f"labels go up to {int(ds.y.max())} but the model has {num_classes} classes"
+        )
+    ds.scale = scale
+    ds.mean = None if mean is None else np.asarray(mean, dtype=np.float32)
+    ds.std = None if std is None else np.asarray(std, dtype=np.float32)
+    if ds.std is not None and (ds.std == 0).any():
+        raise DataError("--std must not contain zeros")
+    return ds
+
+
+def _layout(sample: tuple[int, ...], want: tuple[int | None, ...]) -> str | None:
+    def fits(s: tuple[int, ...]) -> bool:
+        return len(s) == len(want) and all(
+            w is None or w == d for d, w in zip(s, want, strict=True)
+        )
+
+    if fits(sample):
+        return None
+    if len(sample) == 3 and fits((sample[2], sample[0], sample[1])):
+        return "nhwc->nchw"
+    if len(sample) == 3 and fits((sample[1], sample[2], sample[0])):
+        return "nchw->nhwc"
+    if len(want) == len(sample) + 1 and want[0] in (1, None) and fits((1, *sample)):
+        return "add-channel"
+    shown = tuple("?" if w is None else w for w in want)
+    raise DataError(f"samples have shape {sample} but the model takes {shown}")

@@ -1,0 +1,139 @@
+"""Batched activation extraction with ONNX Runtime, on the GPU when the session really gets one.
+
+One session runs the exported graph over the data set; features land in one preallocated
+float32 array and predictions in an int64 array. The provider reported is the one the session
+uses (``session.get_providers()``), not what the installed build merely lists as available.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from backdoorscan.adapters.base import OnnxExport
+from backdoorscan.scanner.data import Dataset
+
+DEVICES = ("auto", "cpu", "cuda")
+ProgressFn = Callable[[int], None]
+
+
+class ExtractionError(RuntimeError):
+    """The model could not be run on the data; the message says why."""
+
+
+@dataclass
+class Activations:
+    """What one pass over the data gives: hidden features, predicted classes, the provider used."""
+
+    features: np.ndarray
+    predictions: np.ndarray
+    provider: str
+    layer: str
+    num_classes: int
+
+
+def make_session(export: OnnxExport, device: str = "auto", *, threads: int | None = None) -> object:
+    """An InferenceSession for ``export`` on ``device``; raises if CUDA is asked and absent."""
+    if device not in DEVICES:
+        raise ExtractionError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)}")
+    import onnxruntime as ort
+
+    # The GPU build logs library-load errors on machines without CUDA; only errors that
+    # stop the session matter here, and those raise.
+    ort.set_default_logger_severity(3)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+    available = ort.get_available_providers()
+    providers = ["CPUExecutionProvider"]
+    if device in ("auto", "cuda") and "CUDAExecutionProvider" in available:
+        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    if device == "cuda" and "CUDAExecutionProvider" not in available:
+        raise ExtractionError(
+            "--device cuda asked for, but this onnxruntime build has no CUDA provider "
+            "(install onnxruntime-gpu)"
+        )
+    try:
+        with _quiet_stderr():
+            session = ort.InferenceSession(export.model_bytes, options, providers=providers)
+    except Exception as exc:
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ExtractionError(f"ONNX Runtime cannot load the model: {msg}") from None
+    used = session.get_providers()
+    if device == "cuda" and "CUDAExecutionProvider" not in used:
+        raise ExtractionError(
+            "--device cuda asked for, but the CUDA provider did not load (no GPU, or the "
+            "CUDA/cuDNN libraries are missing); use --device auto to fall back to the CPU"
+        )
+    return session
+
+
+class _quiet_stderr:  # noqa: N801 - used as a context manager, reads like a function
+    """Silence C-level stderr while CUDA libraries fail to load on GPU-less machines."""
+
+    def __enter__(self) -> None:
+        self._saved = None
+        try:
+            self._saved = os.dup(2)
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, 2)
+            os.close(devnull)
+        except OSError:
+            self._saved = None
+
+    def __exit__(self, *exc: object) -> None:
+        if self._saved is not None:
+            os.dup2(self._saved, 2)
+            os.close(self._saved)
+
+
+def session_provider(session: object) -> str:
+    """The provider that runs the graph: the first one the session really holds."""
+    return session.get_providers()[0]  # type: ignore[attr-defined]
+
+
+def extract(
+    export: OnnxExport,
+    data: Dataset,
+    *,
+    device: str = "auto",
+    batch_size: int = 256,
+    progress: ProgressFn | None = None,
+    session: object | None = None,
+) -> Activations:
+    """Run the whole data set through the model in batches; return features and predictions."""
+    if batch_size < 1:
+        raise ExtractionError("--batch-size must be at least 1")
+    if session is None:
+        session = make_session(export, device)
+    n = len(data)
+    features: np.ndarray | None = None
+    num_classes = 0
+    predictions = np.empty(n, dtype=np.int64)
+    out_names = [export.logits_name, export.features_name]
+    for start, xb in data.batches(batch_size):
+        try:
+            logits, feats = session.run(out_names, {export.input_name: xb})  # type: ignore[attr-defined]
+        except Exception as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ExtractionError(f"the model failed on samples {start}..: {first}") from None
+        feats = np.asarray(feats).reshape(len(xb), -1)
+        logits = np.asarray(logits).reshape(len(xb), -1)
+        if features is None:
+            features = np.empty((n, feats.shape[1]), dtype=np.float32)
+        elif feats.shape[1] != features.shape[1]:
+            raise ExtractionError("the feature size changed between batches")
+        num_classes = logits.shape[1]
+        stop = start + len(xb)
+        features[start:stop] = feats
+        predictions[start:stop] = logits.argmax(axis=1)
+        if progress is not None:
+            progress(len(xb))
+    assert features is not None  # n >= 1 is checked when the data is loaded
+    if not np.isfinite(features).all():
+        raise ExtractionError("the model produced NaN or Inf activations on this data")
+    return Activations(features, predictions, session_provider(session), export.layer, num_classes)

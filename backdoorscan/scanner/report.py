@@ -1,0 +1,204 @@
+"""The scan report: one dataclass, rendered as a short text summary or as JSON, written atomically.
+
+Exit codes follow model scanners: 0 nothing found, 1 backdoor found, 2 error, 3 nothing
+scanned, 4 usage error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+SCHEMA_VERSION = 1
+EXIT_CLEAN, EXIT_FOUND, EXIT_ERROR, EXIT_NOTHING, EXIT_USAGE = 0, 1, 2, 3, 4
+
+
+@dataclass
+class ClassResult:
+    """What the analyses found in one class; ``verdict``: ``poisoned``, ``clean``, ``skipped``."""
+
+    label: int
+    n_samples: int
+    verdict: str
+    reason: str = ""
+    cluster_sizes: list[int] = field(default_factory=list)
+    suspicious_cluster: int | None = None
+    relative_size: float | None = None
+    silhouette: float | None = None
+    separation: float | None = None
+    distance_ratio: float | None = None
+    votes: dict[str, bool] = field(default_factory=dict)
+    n_flagged: int = 0
+    suspected_source: int | None = None
+    exre: dict[str, Any] | None = None
+
+
+@dataclass
+class Report:
+    """Everything a scan found and how; every output format renders this one object."""
+
+    tool_version: str
+    settings: dict[str, Any]
+    classes: list[ClassResult]
+    flagged_indices: np.ndarray
+    scores: np.ndarray
+    model: dict[str, Any] = field(default_factory=dict)
+    data: dict[str, Any] = field(default_factory=dict)
+    provider: str | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    schema_version: int = SCHEMA_VERSION
+
+    @property
+    def poisoned_classes(self) -> list[int]:
+        """Labels whose verdict is poisoned."""
+        return [c.label for c in self.classes if c.verdict == "poisoned"]
+
+    @property
+    def analysed_classes(self) -> list[int]:
+        """Labels that were clustered (not skipped)."""
+        return [c.label for c in self.classes if c.verdict != "skipped"]
+
+    @property
+    def verdict(self) -> str:
+        """``backdoor``, ``clean``, or ``nothing scanned`` when no class could be analysed."""
+        if self.poisoned_classes:
+            return "backdoor"
+        return "clean" if self.analysed_classes else "nothing scanned"
+
+    @property
+    def exit_code(self) -> int:
+        """0 clean, 1 backdoor found, 3 nothing scanned."""
+        return {"backdoor": EXIT_FOUND, "clean": EXIT_CLEAN}.get(self.verdict, EXIT_NOTHING)
+
+    def is_flagged(self) -> np.ndarray:
+        """Boolean mask over the samples: True where flagged as poison."""
+        mask = np.zeros(len(self.scores), dtype=bool)
+        mask[self.flagged_indices] = True
+        return mask
+
+    def to_dict(self, *, include_scores: bool = True) -> dict[str, Any]:
+        """A JSON-ready dictionary (the schema of ``--format json``)."""
+        out: dict[str, Any] = {
+            "schema_version": self.schema_version,
+            "tool": {"name": "backdoorscan", "version": self.tool_version},
+            "verdict": self.verdict,
+            "poisoned_classes": self.poisoned_classes,
+            "model": self.model,
+            "data": self.data,
+            "settings": self.settings,
+            "provider": self.provider,
+            "classes": [_clean(asdict(c)) for c in self.classes],
+            "n_flagged": len(self.flagged_indices),
+            "flagged_indices": [int(i) for i in self.flagged_indices],
+            "timings_s": {k: round(v, 4) for k, v in self.timings.items()},
+            "notes": self.notes,
+        }
+        if include_scores:
+            out["scores"] = [round(float(s), 6) for s in self.scores]
+        return out
+
+    def to_json(self, *, include_scores: bool = True) -> str:
+        """The report as indented JSON text."""
+        return json.dumps(self.to_dict(include_scores=include_scores), indent=2) + "\n"
+
+    def to_text(self) -> str:
+        """A short human summary: verdict first, then one line per class that matters."""
+        lines = []
+        n = len(self.scores)
+        if self.verdict == "backdoor":
+            lines.append(
+                f"BACKDOOR SUSPECTED in class(es) {', '.join(map(str, self.poisoned_classes))}: "
+                f"{len(self.flagged_indices)} of {n} samples flagged as poison"
+            )
+        elif self.verdict == "clean":
+            lines.append(f"No backdoor found: {len(self.analysed_classes)} classes, {n} samples")
+        else:
+            lines.append("Nothing scanned: no class had enough samples to cluster")
+        if self.model.get("path"):
+            lines.append(f"  model  {self.model['path']}  (layer {self.model.get('layer')})")
+        if self.data.get("path"):
+            lines.append(f"  data   {self.data['path']}  ({n} samples)")
+        lines.append(
+            f"  method {self.settings.get('reduce')}->{self.settings.get('n_components')} dims, "
+            f"k-means k={self.settings.get('n_clusters')}, seed {self.settings.get('seed')}"
+            + (f", on {self.provider}" if self.provider else "")
+        )
+        lines.append("")
+        lines.append("  class      n  verdict    smaller  size   silh.  sep.   dist.  source")
+        for c in self.classes:
+            small = (
+                c.cluster_sizes[c.suspicious_cluster] if c.suspicious_cluster is not None else None
+            )
+            lines.append(
+                f"  {c.label:>5} {c.n_samples:>6}  {c.verdict:<9} "
+                f"{_fmt(small, 'd', 7)} {_fmt(c.relative_size, '.2f', 5)} "
+                f"{_fmt(c.silhouette, '.2f', 6)} {_fmt(c.separation, '.1f', 6)} "
+                f"{_fmt(c.distance_ratio, '.2f', 6)} {_fmt(c.suspected_source, 'd', 6)}"
+                + (f"  ({c.reason})" if c.reason else "")
+            )
+        for note in self.notes:
+            lines.append(f"  note: {note}")
+        if self.timings:
+            shown = ", ".join(f"{k} {v:.2f}s" for k, v in self.timings.items())
+            lines.append(f"  time: {shown}")
+        return "\n".join(lines) + "\n"
+
+    def render(self, fmt: str) -> str:
+        """Render as ``text`` or ``json``."""
+        if fmt == "json":
+            return self.to_json()
+        if fmt == "text":
+            return self.to_text()
+        raise ValueError(f"unknown format {fmt!r}")
+
+
+def _fmt(value: float | int | None, spec: str, width: int) -> str:
+    if value is None or (isinstance(value, float) and not np.isfinite(value)):
+        return "-".rjust(width)
+    return format(value, spec).rjust(width)
+
+
+def _clean(value: Any) -> Any:
+    """Numpy scalars and non-finite floats made JSON-safe."""
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float):
+        return round(value, 6) if np.isfinite(value) else None
+    return value
+
+
+def atomic_write_bytes(path: Path, payload: bytes) -> Path:
+    """Write ``payload`` to ``path`` whole or not at all: a temp file beside it, then rename."""
+    path = Path(path)
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise FileNotFoundError(f"output folder does not exist: {folder}")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(payload)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def atomic_write_text(path: Path, text: str) -> Path:
+    """Text version of :func:`atomic_write_bytes` (UTF-8)."""
+    return atomic_write_bytes(path, text.encode("utf-8"))
