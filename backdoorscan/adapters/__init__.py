@@ -53,14 +53,15 @@ def from_object(model: Any, **options: Any) -> Adapter:
         from backdoorscan.adapters import onnx as onnx_adapter
 
         return onnx_adapter.OnnxAdapter(model)
-    if kind == "torch" or _is_torch_module(model):
-        from backdoorscan.adapters import torch as torch_adapter
-
-        return torch_adapter.from_module(model, **options)
+    # On the torch backend a keras.Model is also an nn.Module: ask for Keras first.
     if kind in {"keras", "tf_keras", "tensorflow"} or _is_keras_model(model):
         from backdoorscan.adapters import keras as keras_adapter
 
         return keras_adapter.from_model(model, **options)
+    if kind == "torch" or _is_torch_module(model):
+        from backdoorscan.adapters import torch as torch_adapter
+
+        return torch_adapter.from_module(model, **options)
     raise AdapterError(
         f"cannot scan an object of type {type(model).__name__}: pass a torch.nn.Module, "
         "a keras.Model, an onnx.ModelProto, or a path to a model file"

@@ -15,8 +15,9 @@ from backdoorscan.adapters.base import Adapter, OnnxExport
 from backdoorscan.scanner.config import DetectConfig
 from backdoorscan.scanner.data import DataError, Dataset, conform, from_arrays, load_data
 from backdoorscan.scanner.detect import detect
-from backdoorscan.scanner.extract import Activations, ExtractionError, extract
+from backdoorscan.scanner.extract import Activations, ExtractionError, extract, make_session
 from backdoorscan.scanner.report import Report
+from backdoorscan.scanner.transfer import TransferProbe
 
 __all__ = [
     "DataError",
@@ -89,8 +90,10 @@ def scan(
         ds = from_arrays(x, y)
     else:
         raise DataError("no data given: pass x and y, or a data file")
-    if "input_shape" not in model_options and not isinstance(model, (str, Path)):
-        model_options["input_shape"] = tuple(ds.x.shape[1:])
+    # Formats that do not record their input (TorchScript, in-memory modules) take the data's.
+    model_options.setdefault("input_shape", tuple(ds.x.shape[1:]))
+    if ds.x.dtype in (np.int64, np.int32):
+        model_options.setdefault("input_dtype", "int64")
     adapter, export = prepare(model, layer=layer, **model_options)
     timings["load"] = time.perf_counter() - t
     conform(
@@ -105,13 +108,20 @@ def scan(
     t = time.perf_counter()
     if on_extract_start is not None:
         on_extract_start(len(ds))
-    acts: Activations = extract(export, ds, device=device, batch_size=batch_size, progress=progress)
+    cfg = config or DetectConfig()
+    session = make_session(export, device)
+    acts: Activations = extract(
+        export, ds, batch_size=batch_size, progress=progress, session=session, seed=cfg.seed
+    )
     timings["extract"] = time.perf_counter() - t
     if int(ds.y.max()) >= acts.num_classes:
         raise DataError(
             f"labels go up to {int(ds.y.max())} but the model has {acts.num_classes} classes"
         )
-    report = detect(acts.features, ds.y, config)
+    probe = None
+    if acts.sketch is not None and "transfer" in cfg.rule:
+        probe = TransferProbe(session, export, ds, acts.sketch, cfg)
+    report = detect(acts.features, ds.y, cfg, transfer=probe)
     timings.update(report.timings)
     report.timings = timings
     report.provider = acts.provider

@@ -5,14 +5,15 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-ANALYSES = ("size", "separation", "silhouette", "distance")
+REDUCTIONS = ("pca", "ica", "none")
+ANALYSES = ("size", "separation", "silhouette", "distance", "transfer")
 
 
 @dataclass
 class DetectConfig:
     """Every parameter of the detector, in one place; ``seed`` drives every random choice."""
 
-    reduce: str = "ica"
+    reduce: str = "pca+ica"
     n_components: int = 10
     n_clusters: int | str = 2
     max_clusters: int = 5
@@ -20,15 +21,23 @@ class DetectConfig:
     size_threshold: float = 0.35
     separation_threshold: float = 5.0
     silhouette_threshold: float = 0.25
-    rule: tuple[str, ...] = ("size", "separation")
+    rule: tuple[str, ...] = ("transfer",)
     min_class_size: int = 20
     silhouette_max_exact: int = 4000
     ica_max_iter: int = 200
+    transfer_threshold: float = 0.5
+    transfer_samples: int = 300
+    transfer_queries: int = 100
+    transfer_neighbors: int = 10
+    fallback_rule: tuple[str, ...] = ("size", "separation")
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.reduce not in ("pca", "ica", "none"):
-            raise ValueError(f"reduce must be pca, ica or none, not {self.reduce!r}")
+        if not self.reductions or set(self.reductions) - set(REDUCTIONS):
+            raise ValueError(
+                f"reduce must be one of {', '.join(REDUCTIONS)} or several joined by '+', "
+                f"not {self.reduce!r}"
+            )
         if isinstance(self.n_clusters, str) and self.n_clusters != "auto":
             raise ValueError(
                 f"n_clusters must be an integer >= 2 or 'auto', not {self.n_clusters!r}"
@@ -39,12 +48,21 @@ class DetectConfig:
             raise ValueError("n_components must be at least 1")
         if not 0 < self.size_threshold < 1:
             raise ValueError("size_threshold must lie between 0 and 1")
-        unknown = set(self.rule) - set(ANALYSES)
-        if unknown or not self.rule:
-            raise ValueError(f"rule must name analyses among {', '.join(ANALYSES)}")
+        for name in ("rule", "fallback_rule"):
+            rule = getattr(self, name)
+            if not rule or set(rule) - set(ANALYSES):
+                raise ValueError(f"{name} must name analyses among {', '.join(ANALYSES)}")
+        if "transfer" in self.fallback_rule:
+            raise ValueError("fallback_rule is used without the model, so not with transfer")
+
+    @property
+    def reductions(self) -> tuple[str, ...]:
+        """The reductions to cluster in, from ``reduce`` (e.g. ``pca+ica``)."""
+        return tuple(r for r in self.reduce.split("+") if r)
 
     def as_dict(self) -> dict[str, Any]:
         """Settings for the report."""
         out = asdict(self)
         out["rule"] = list(self.rule)
+        out["fallback_rule"] = list(self.fallback_rule)
         return out

@@ -41,7 +41,17 @@ class Dataset:
 
     def batch(self, start: int, stop: int) -> np.ndarray:
         """Samples ``start:stop`` converted to what the model takes."""
-        xb = np.asarray(self.x[start:stop])
+        return self._convert(np.asarray(self.x[start:stop]), start)
+
+    def take(self, indices: np.ndarray) -> np.ndarray:
+        """The samples at ``indices`` (any order), converted to what the model takes."""
+        indices = np.asarray(indices, dtype=np.int64)
+        order = np.argsort(indices, kind="stable")
+        xb = np.empty((len(indices), *self.x.shape[1:]), dtype=self.x.dtype)
+        xb[order] = self.x[indices[order]]
+        return self._convert(xb, int(indices.min()) if len(indices) else 0)
+
+    def _convert(self, xb: np.ndarray, start: int) -> np.ndarray:
         if self.layout == "nhwc->nchw":
             xb = np.moveaxis(xb, -1, 1)
         elif self.layout == "nchw->nhwc":

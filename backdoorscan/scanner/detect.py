@@ -20,6 +20,7 @@ smaller cluster of every class, which makes every clean model look poisoned.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,7 +31,7 @@ from backdoorscan.kernels import fastica, kmeans, pca, silhouette_score
 from backdoorscan.scanner.config import ANALYSES, DetectConfig
 from backdoorscan.scanner.report import ClassResult, Report
 
-__all__ = ["ANALYSES", "DetectConfig", "detect", "reduce_features"]
+__all__ = ["ANALYSES", "DetectConfig", "TransferFn", "detect", "effective_rule", "reduce_features"]
 
 
 @dataclass
@@ -40,17 +41,18 @@ class _Clustering:
     centers: np.ndarray
     k: int
     silhouette: float
+    reduction: str = ""
 
 
-def reduce_features(f: np.ndarray, cfg: DetectConfig, seed: int) -> np.ndarray:
+def reduce_features(f: np.ndarray, cfg: DetectConfig, seed: int, method: str) -> np.ndarray:
     """Centre, drop dead units and project one class's activations to ``n_components`` dims."""
     f = np.asarray(f, dtype=np.float64)
     live = f.std(axis=0) > 1e-12
     f = f[:, live] if live.any() else f[:, :1]
     k = min(cfg.n_components, f.shape[1], f.shape[0] - 1)
-    if cfg.reduce == "none" or f.shape[1] <= k:
+    if method == "none" or f.shape[1] <= k:
         return f - f.mean(axis=0)
-    if cfg.reduce == "ica":
+    if method == "ica":
         z, _, _ = fastica(f, k, max_iter=cfg.ica_max_iter, random_state=seed)
         return z
     z, _, _ = pca(f, k)
@@ -101,22 +103,85 @@ def _class_medians(
     return {int(c): np.median(features[labels == c], axis=0) for c in classes}
 
 
+TransferFn = Callable[[np.ndarray, int, int], tuple[float, "int | None"]]
+
+
+@dataclass
+class _Candidate:
+    cluster: int
+    members: np.ndarray  # boolean over the class's samples
+    relative_size: float
+    separation: float
+    fit: _Clustering
+    z: np.ndarray
+    distance: float = 0.0
+    nearest: int | None = None
+    transfer: float | None = None
+    source: int | None = None
+
+
+def _candidates(f: np.ndarray, cfg: DetectConfig, seed: int) -> list[_Candidate]:
+    """Every cluster of every clustering of one class (duplicates across reductions dropped)."""
+    out: list[_Candidate] = []
+    seen: set[bytes] = set()
+    for method in cfg.reductions:
+        z = reduce_features(f, cfg, seed, method)
+        fit = _cluster(z, cfg, seed)
+        fit.reduction = f"{method} k={fit.k}"
+        sizes = np.bincount(fit.labels, minlength=fit.k)
+        for j in range(fit.k):
+            members = fit.labels == j
+            key = np.packbits(members).tobytes()
+            if members.all() or not members.any() or key in seen:
+                continue
+            seen.add(key)
+            out.append(_Candidate(j, members, sizes[j] / len(f), _separation(z, members), fit, z))
+    return out
+
+
+def _votes(cand: _Candidate, cfg: DetectConfig) -> dict[str, bool]:
+    votes = {
+        "size": cand.relative_size < cfg.size_threshold,
+        "separation": cand.separation >= cfg.separation_threshold,
+        "silhouette": cand.fit.silhouette >= cfg.silhouette_threshold,
+        "distance": cand.distance > 1.0,
+    }
+    if cand.transfer is not None:
+        votes["transfer"] = cand.transfer >= cfg.transfer_threshold
+    return votes
+
+
+def effective_rule(cfg: DetectConfig, has_transfer: bool) -> tuple[str, ...]:
+    """The analyses that decide: ``transfer`` needs the model, so arrays alone fall back."""
+    if has_transfer or "transfer" not in cfg.rule:
+        return cfg.rule
+    rest = tuple(a for a in cfg.rule if a != "transfer")
+    return rest or cfg.fallback_rule
+
+
 def detect(
     features: np.ndarray,
     labels: np.ndarray,
     config: DetectConfig | None = None,
+    *,
+    transfer: TransferFn | None = None,
     **overrides: Any,
 ) -> Report:
     """Cluster each class's activations and say which samples look like poison.
 
     ``features`` is ``[n_samples, n_features]`` (the penultimate activations), ``labels`` the
-    training labels. Keyword ``overrides`` set fields of :class:`DetectConfig`.
+    training labels. ``transfer(indices, label, seed)`` (optional, given by :func:`scan`,
+    which holds the model) returns the share of other classes' samples that the model sends to
+    ``label`` once they carry the perturbation the cluster's samples share, and the class the
+    cluster's samples resemble; without it the rule falls back to ``fallback_rule``.
+    Keyword ``overrides`` set fields of :class:`DetectConfig`.
     """
     cfg = config or DetectConfig()
     if overrides:
-        cfg = DetectConfig(
-            **{**cfg.as_dict(), **overrides, "rule": tuple(overrides.get("rule", cfg.rule))}
-        )
+        merged = {**cfg.as_dict(), **overrides}
+        for key in ("rule", "fallback_rule"):
+            merged[key] = tuple(merged[key])
+        cfg = DetectConfig(**merged)
     features = np.asarray(features)
     labels = np.asarray(labels)
     if features.ndim != 2:
@@ -125,11 +190,12 @@ def detect(
         raise ValueError(f"{len(features)} feature rows but {len(labels)} labels")
     if not np.isfinite(features).all():
         raise ValueError("features hold NaN or Inf values")
+    rule = effective_rule(cfg, transfer is not None)
     t0 = time.perf_counter()
     n = len(labels)
     scores = np.zeros(n, dtype=np.float64)
     classes = np.unique(labels)
-    medians: dict[int, np.ndarray] | None = None
+    medians = _class_medians(features, labels, classes)
     results: list[ClassResult] = []
     for c in classes:
         idx = np.flatnonzero(labels == c)
@@ -145,57 +211,68 @@ def detect(
             continue
         seed = cfg.seed + int(c)
         f = features[idx]
-        z = reduce_features(f, cfg, seed)
-        fit = _cluster(z, cfg, seed)
-        sizes = np.bincount(fit.labels, minlength=fit.k)
-        rel = sizes / len(idx)
-        # The candidate: the most separated cluster among those small enough, else the smallest.
-        seps = np.array([_separation(z, fit.labels == j) for j in range(fit.k)])
-        small = np.flatnonzero(rel < cfg.size_threshold)
-        pool = small if len(small) else np.arange(fit.k)
-        cand = int(pool[np.argmax(seps[pool])]) if len(small) else int(np.argmin(sizes))
-        members = fit.labels == cand
-        if medians is None:
-            medians = _class_medians(features, labels, classes)
-        own_rest = np.median(f[~members], axis=0) if (~members).any() else medians[int(c)]
-        cand_median = np.median(f[members], axis=0)
-        d_own = float(np.linalg.norm(cand_median - own_rest))
-        others = {
-            k: float(np.linalg.norm(cand_median - m)) for k, m in medians.items() if k != int(c)
-        }
-        nearest = min(others, key=others.get) if others else None
-        dist_ratio = d_own / others[nearest] if nearest is not None and others[nearest] > 0 else 0.0
-        votes = {
-            "size": bool(rel[cand] < cfg.size_threshold),
-            "separation": bool(seps[cand] >= cfg.separation_threshold),
-            "silhouette": bool(fit.silhouette >= cfg.silhouette_threshold),
-            "distance": bool(dist_ratio > 1.0),
-        }
-        poisoned = all(votes[a] for a in cfg.rule)
+        cands = _candidates(f, cfg, seed)
+        # The model is asked about every cluster that the cheaper analyses leave in the running.
+        cheap = [a for a in rule if a != "transfer"]
+        for cand in cands:
+            cand.distance, cand.nearest = _distance(f, cand.members, medians, int(c))
+            pre = _votes(cand, cfg)
+            if transfer is not None and "transfer" in rule and all(pre[a] for a in cheap):
+                cand.transfer, cand.source = transfer(idx[cand.members], int(c), seed)
+        passing = [cd for cd in cands if all(_votes(cd, cfg).get(a, False) for a in rule)]
+        poisoned = bool(passing)
+        if passing:
+            # Several clusterings may find the poison: among those the model confirms about
+            # equally, the best separated is the purest.
+            top = max(cd.transfer or 0.0 for cd in passing)
+            near_top = [cd for cd in passing if (cd.transfer or 0.0) >= top - 0.1]
+            best = max(near_top, key=lambda cd: cd.separation)
+        else:
+            # Report the most suspicious cluster: the one the model answered most, else small
+            # and apart.
+            best = max(
+                cands,
+                key=lambda cd: (
+                    cd.transfer if cd.transfer is not None else -1.0,
+                    cd.relative_size < cfg.size_threshold,
+                    cd.separation,
+                ),
+            )
+        members, fit, z = best.members, best.fit, best.z
+        votes = _votes(best, cfg)
         # Membership: how much nearer a sample sits to the candidate centre than to the rest.
         d_c = np.linalg.norm(z - z[members].mean(axis=0), axis=1)
-        d_r = np.linalg.norm(z - z[~members].mean(axis=0), axis=1) if (~members).any() else d_c
+        d_r = np.linalg.norm(z - z[~members].mean(axis=0), axis=1)
         membership = np.where(members, d_r / np.maximum(d_c + d_r, 1e-12), 0.0)
         membership = np.where(members, np.maximum(membership, 0.5 + 1e-6), membership)
         scores[idx] = membership if poisoned else membership * 0.5
+        source = None
+        if poisoned:
+            source = best.source
+            if source is None and votes["distance"]:
+                source = best.nearest
+        sizes = np.bincount(fit.labels, minlength=fit.k)
         results.append(
             ClassResult(
                 label=int(c),
                 n_samples=len(idx),
                 verdict="poisoned" if poisoned else "clean",
                 cluster_sizes=[int(s) for s in sizes],
-                suspicious_cluster=cand,
-                relative_size=float(rel[cand]),
+                suspicious_cluster=best.cluster,
+                clustering=fit.reduction,
+                relative_size=float(best.relative_size),
                 silhouette=fit.silhouette,
-                separation=float(seps[cand]),
-                distance_ratio=float(dist_ratio),
+                separation=float(best.separation),
+                distance_ratio=float(best.distance),
+                transfer=best.transfer,
                 votes=votes,
                 n_flagged=int(members.sum()) if poisoned else 0,
-                suspected_source=int(nearest) if (poisoned and votes["distance"]) else None,
+                suspected_source=source,
             )
         )
     flagged = np.flatnonzero(scores > 0.5)
     settings = cfg.as_dict()
+    settings["rule_applied"] = list(rule)
     return Report(
         tool_version=__version__,
         settings=settings,
@@ -205,3 +282,16 @@ def detect(
         data={"n_samples": n, "n_classes": len(classes)},
         timings={"detect": time.perf_counter() - t0},
     )
+
+
+def _distance(
+    f: np.ndarray, members: np.ndarray, medians: dict[int, np.ndarray], label: int
+) -> tuple[float, int | None]:
+    """Distance of a cluster's median to its class's rest over that to the nearest other class."""
+    cand_median = np.median(f[members], axis=0)
+    d_own = float(np.linalg.norm(cand_median - np.median(f[~members], axis=0)))
+    others = {k: float(np.linalg.norm(cand_median - m)) for k, m in medians.items() if k != label}
+    if not others:
+        return 0.0, None
+    nearest = min(others, key=others.__getitem__)
+    return (d_own / others[nearest] if others[nearest] > 0 else 0.0), nearest

@@ -15,6 +15,7 @@ import numpy as np
 
 from backdoorscan.adapters.base import OnnxExport
 from backdoorscan.scanner.data import Dataset
+from backdoorscan.scanner.sketch import InputSketch
 
 DEVICES = ("auto", "cpu", "cuda")
 ProgressFn = Callable[[int], None]
@@ -33,6 +34,7 @@ class Activations:
     provider: str
     layer: str
     num_classes: int
+    sketch: np.ndarray | None = None
 
 
 def make_session(export: OnnxExport, device: str = "auto", *, threads: int | None = None) -> object:
@@ -104,8 +106,14 @@ def extract(
     batch_size: int = 256,
     progress: ProgressFn | None = None,
     session: object | None = None,
+    sketch_dim: int = 64,
+    seed: int = 0,
 ) -> Activations:
-    """Run the whole data set through the model in batches; return features and predictions."""
+    """Run the whole data set through the model in batches; return features and predictions.
+
+    With ``sketch_dim`` > 0 a random projection of each input is kept as well, for the
+    input-space neighbour analysis.
+    """
     if batch_size < 1:
         raise ExtractionError("--batch-size must be at least 1")
     if session is None:
@@ -115,6 +123,8 @@ def extract(
     num_classes = 0
     predictions = np.empty(n, dtype=np.int64)
     out_names = [export.logits_name, export.features_name]
+    tokens = np.issubdtype(np.dtype(data.dtype), np.integer)
+    sketch = InputSketch(n, sketch_dim, seed=seed, tokens=tokens) if sketch_dim > 0 else None
     for start, xb in data.batches(batch_size):
         try:
             logits, feats = session.run(out_names, {export.input_name: xb})  # type: ignore[attr-defined]
@@ -131,9 +141,18 @@ def extract(
         stop = start + len(xb)
         features[start:stop] = feats
         predictions[start:stop] = logits.argmax(axis=1)
+        if sketch is not None:
+            sketch.add(start, xb)
         if progress is not None:
             progress(len(xb))
     assert features is not None  # n >= 1 is checked when the data is loaded
     if not np.isfinite(features).all():
         raise ExtractionError("the model produced NaN or Inf activations on this data")
-    return Activations(features, predictions, session_provider(session), export.layer, num_classes)
+    return Activations(
+        features,
+        predictions,
+        session_provider(session),
+        export.layer,
+        num_classes,
+        sketch.matrix if sketch is not None else None,
+    )

@@ -30,10 +30,12 @@ class ClassResult:
     reason: str = ""
     cluster_sizes: list[int] = field(default_factory=list)
     suspicious_cluster: int | None = None
+    clustering: str = ""
     relative_size: float | None = None
     silhouette: float | None = None
     separation: float | None = None
     distance_ratio: float | None = None
+    transfer: float | None = None
     votes: dict[str, bool] = field(default_factory=dict)
     n_flagged: int = 0
     suspected_source: int | None = None
@@ -132,17 +134,19 @@ class Report:
             + (f", on {self.provider}" if self.provider else "")
         )
         lines.append("")
-        lines.append("  class      n  verdict    smaller  size   silh.  sep.   dist.  source")
+        lines.append(
+            "  class      n  verdict    cluster share  sep.  silh.  dist.  transfer  source"
+        )
         for c in self.classes:
-            small = (
+            size = (
                 c.cluster_sizes[c.suspicious_cluster] if c.suspicious_cluster is not None else None
             )
             lines.append(
                 f"  {c.label:>5} {c.n_samples:>6}  {c.verdict:<9} "
-                f"{_fmt(small, 'd', 7)} {_fmt(c.relative_size, '.2f', 5)} "
-                f"{_fmt(c.silhouette, '.2f', 6)} {_fmt(c.separation, '.1f', 6)} "
-                f"{_fmt(c.distance_ratio, '.2f', 6)} {_fmt(c.suspected_source, 'd', 6)}"
-                + (f"  ({c.reason})" if c.reason else "")
+                f"{_fmt(size, 'd', 7)} {_fmt(c.relative_size, '.2f', 5)} "
+                f"{_fmt(c.separation, '.1f', 5)} {_fmt(c.silhouette, '.2f', 6)} "
+                f"{_fmt(c.distance_ratio, '.2f', 6)} {_fmt(c.transfer, '.2f', 9)} "
+                f"{_fmt(c.suspected_source, 'd', 7)}" + (f"  ({c.reason})" if c.reason else "")
             )
         for note in self.notes:
             lines.append(f"  note: {note}")
