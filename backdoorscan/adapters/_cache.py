@@ -1,0 +1,134 @@
+"""Cache of exported ONNX graphs, and atomic file writes shared by the framework adapters.
+
+Exporting a PyTorch or Keras model to ONNX takes seconds; scanning the same file again (another
+data set, other settings) should not pay for it twice. An entry is keyed by the model file's
+sha256 plus everything that changes the export (layer, input shape and dtype, architecture,
+framework versions) and lives in ``$BACKDOORSCAN_CACHE_DIR`` or ``~/.cache/backdoorscan/onnx/``.
+In-memory models have no file to hash and are never cached.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from backdoorscan.adapters.base import OnnxExport
+
+# Bump when the layout of an export changes, so that older entries are not reused.
+CACHE_FORMAT = 1
+META_KEY = "backdoorscan.export"
+
+
+def cache_dir() -> Path:
+    """The folder holding cached exports (not created here)."""
+    env = os.environ.get("BACKDOORSCAN_CACHE_DIR")
+    if env:
+        return Path(env).expanduser()
+    return Path.home() / ".cache" / "backdoorscan" / "onnx"
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex sha256 of a file, read in chunks so that large checkpoints do not fill memory."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def make_key(model_sha256: str, **parts: Any) -> str:
+    """A cache key for one export of one model file; ``parts`` are what else shapes the export."""
+    blob = json.dumps(
+        {"format": CACHE_FORMAT, "model": model_sha256, **parts}, sort_keys=True, default=repr
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], None], suffix: str = ".tmp") -> Path:
+    """Call ``write(tmp)`` on a temporary file beside ``path``, then move it into place.
+
+    Readers never see a half-written file: the rename is atomic within a folder. ``suffix`` is
+    there for writers that insist on a file extension (Keras wants ``.keras``).
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=suffix)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        write(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    return target
+
+
+def embed_metadata(export: OnnxExport) -> OnnxExport:
+    """Write the export's description into the ONNX model's metadata, so a file is self-describing.
+
+    The cache reads it back; it also tells anyone opening the file which tensor ``features`` is.
+    """
+    import onnx
+
+    model = onnx.load_from_string(export.model_bytes)
+    meta = {
+        "input_name": export.input_name,
+        "input_shape": list(export.input_shape),
+        "input_dtype": export.input_dtype,
+        "layer": export.layer,
+        "feature_dim": export.feature_dim,
+        "num_classes": export.num_classes,
+        "notes": list(export.notes),
+    }
+    kept = [p for p in model.metadata_props if p.key != META_KEY]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    prop = model.metadata_props.add()
+    prop.key = META_KEY
+    prop.value = json.dumps(meta, sort_keys=True)
+    export.model_bytes = model.SerializeToString()
+    return export
+
+
+def load(key: str) -> OnnxExport | None:
+    """The cached export for ``key``, or None when absent or unreadable."""
+    import onnx
+
+    path = cache_dir() / f"{key}.onnx"
+    try:
+        data = path.read_bytes()
+        model = onnx.load_from_string(data)
+        raw = next(p.value for p in model.metadata_props if p.key == META_KEY)
+        meta = json.loads(raw)
+        return OnnxExport(
+            model_bytes=data,
+            input_name=meta["input_name"],
+            input_shape=tuple(meta["input_shape"]),
+            input_dtype=meta["input_dtype"],
+            layer=meta["layer"],
+            feature_dim=meta["feature_dim"],
+            num_classes=meta["num_classes"],
+            notes=[*meta["notes"], f"loaded from the export cache ({path})"],
+        )
+    except Exception:  # missing, unreadable, corrupt (protobuf's DecodeError) or foreign file
+        return None
+
+
+def store(key: str, export: OnnxExport) -> Path | None:
+    """Write an export (metadata embedded) to the cache; None when the folder is unwritable.
+
+    A failing cache must never fail a scan, so write errors are swallowed.
+    """
+    path = cache_dir() / f"{key}.onnx"
+    try:
+        return atomic_write(path, lambda tmp: tmp.write_bytes(export.model_bytes))
+    except OSError:
+        return None

@@ -1,0 +1,382 @@
+"""Keras 3 adapter: ``.keras`` archives (and legacy ``.h5``), on any Keras backend.
+
+Keras is imported inside functions only. Files load with ``safe_mode=True``, so a Lambda layer
+carrying Python bytecode is refused rather than run; legacy ``.h5`` files go through the same
+safe-mode scope (Keras 3 applies it to ``load_model_from_hdf5`` too), and a file without a Keras
+model config is refused before Keras sees it.
+
+Export uses Keras' own ``model.export(path, format="onnx")`` on a two-output functional model
+(logits, features). What that needs depends on the backend:
+
+* torch (``KERAS_BACKEND=torch``): torch and onnxscript, i.e. ``pip install ".[torch,keras]"``;
+  with a dynamic batch Keras uses torch's TorchScript-based exporter.
+* tensorflow: tensorflow and ``tf2onnx`` (Keras calls ``tf2onnx.convert.from_function``).
+* jax: ``jax2onnx``.
+
+When neither ``KERAS_BACKEND`` nor an imported keras has chosen a backend, and TensorFlow is not
+installed but torch is, this module selects the torch backend (Keras would otherwise default to
+TensorFlow and fail to import).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from backdoorscan.adapters import _cache, _check
+from backdoorscan.adapters.base import AdapterError, OnnxExport
+
+
+def _keras() -> Any:
+    """Import keras 3, choosing the torch backend when nothing else was chosen and TF is absent."""
+    if "keras" not in sys.modules and not os.environ.get("KERAS_BACKEND"):
+        has = importlib.util.find_spec
+        if has("tensorflow") is None and has("torch") is not None:
+            os.environ["KERAS_BACKEND"] = "torch"
+    try:
+        import keras
+    except ImportError as e:
+        raise AdapterError(
+            f"Keras models need keras 3 and a backend: pip install 'backdoorscan[keras,torch]' "
+            f"and set KERAS_BACKEND=torch ({e})"
+        ) from e
+    if int(keras.__version__.split(".")[0]) < 3:
+        raise AdapterError(f"Keras models need keras >= 3, found {keras.__version__}")
+    return keras
+
+
+def load(path: str | Path, **_ignored: Any) -> KerasAdapter:
+    """Load a ``.keras`` (or legacy ``.h5``) model in safe mode, uncompiled."""
+    p = Path(path)
+    if not p.is_file():
+        raise AdapterError(f"no such model file: {p}")
+    suffix = p.suffix.lower()
+    if suffix == ".keras":
+        if not zipfile.is_zipfile(p):
+            raise AdapterError(f"{p.name} is not a Keras archive (a .keras file is a zip)")
+    elif suffix in (".h5", ".hdf5"):
+        _require_keras_h5(p)
+    else:
+        raise AdapterError(f"{p.name}: Keras models are loaded from .keras or .h5 files")
+    keras = _keras()
+    try:
+        model = keras.saving.load_model(p, safe_mode=True, compile=False)
+    except Exception as e:
+        msg = str(e)
+        if "safe_mode" in msg or "Lambda" in msg:
+            raise AdapterError(
+                f"refusing {p.name}: Keras safe mode blocked it (a Lambda layer carries Python "
+                "bytecode that would run on load). Rebuild that layer as a registered custom "
+                "layer class, or export the model to ONNX yourself"
+            ) from None
+        raise AdapterError(f"cannot load {p.name} as a Keras model: {msg}") from e
+    if not isinstance(model, keras.Model):
+        raise AdapterError(f"{p.name} holds a {type(model).__name__}, not a keras.Model")
+    return KerasAdapter(model, source=p, sha256=_cache.file_sha256(p))
+
+
+def _require_keras_h5(p: Path) -> None:
+    try:
+        import h5py
+    except ImportError as e:
+        raise AdapterError("reading .h5 models needs h5py: pip install h5py") from e
+    try:
+        with h5py.File(p, "r") as f:
+            has_config = "model_config" in f.attrs
+    except OSError as e:
+        raise AdapterError(f"{p.name} is not an HDF5 file, so not a Keras .h5 model ({e})") from e
+    if not has_config:
+        raise AdapterError(
+            f"{p.name} is an HDF5 file without a Keras model config (weights only, or not Keras "
+            "at all); save the whole model with model.save('model.keras')"
+        )
+
+
+def from_model(model: Any, **_ignored: Any) -> KerasAdapter:
+    """Wrap an in-memory ``keras.Model``; in-memory models are not cached."""
+    keras = _keras()
+    if not isinstance(model, keras.Model):
+        raise AdapterError(f"expected a keras.Model, got {type(model).__name__}")
+    return KerasAdapter(model)
+
+
+class KerasAdapter:
+    """A Keras 3 model behind the Adapter contract."""
+
+    framework = "keras"
+    can_fit = True
+    fit_reason = ""
+
+    def __init__(self, model: Any, *, source: Path | None = None, sha256: str | None = None):
+        self.model = model
+        self.source = source
+        self._sha256 = sha256
+
+    # -- Adapter contract -----------------------------------------------------------------
+
+    def to_onnx(self, layer: str | None = None) -> OnnxExport:
+        """Export ``logits`` and ``features`` (the last Dense's input, or ``layer``'s output)."""
+        keras = _keras()
+        key = None
+        if self._sha256:
+            key = _cache.make_key(
+                self._sha256,
+                framework="keras",
+                layer=layer,
+                keras=keras.__version__,
+                backend=keras.backend.backend(),
+                backend_version=_backend_version(keras),
+            )
+            hit = _cache.load(key)
+            if hit is not None:
+                return hit
+        export = _cache.embed_metadata(self._export(layer))
+        if key is not None:
+            _cache.store(key, export)
+        return export
+
+    def fit(
+        self,
+        x: np.ndarray,
+        y: np.ndarray,
+        *,
+        epochs: int = 1,
+        batch_size: int = 128,
+        lr: float = 1e-3,
+        seed: int = 0,
+        **kwargs: Any,
+    ) -> None:
+        """Continue training: Adam and sparse cross-entropy (from_logits read off the last layer).
+
+        ``optimizer=`` (a keras optimizer) and ``loss_fn=`` (a keras loss) replace the defaults;
+        seeded with ``keras.utils.set_random_seed``.
+        """
+        keras = _keras()
+        optimizer = kwargs.pop("optimizer", None) or keras.optimizers.Adam(learning_rate=lr)
+        loss = kwargs.pop("loss_fn", None) or keras.losses.SparseCategoricalCrossentropy(
+            from_logits=_outputs_logits(keras, self.model)
+        )
+        if kwargs:
+            raise AdapterError(f"unknown fit options: {', '.join(sorted(kwargs))}")
+        x = np.asarray(x)
+        y = np.asarray(y)
+        if len(x) != len(y) or len(x) == 0:
+            raise AdapterError(f"fit needs as many labels as samples, got {len(x)} and {len(y)}")
+        keras.utils.set_random_seed(seed)
+        self.model.compile(optimizer=optimizer, loss=loss)
+        history = self.model.fit(
+            x.astype(self._input_dtype(), copy=False),
+            y.astype(np.int64, copy=False),
+            epochs=int(epochs),
+            batch_size=int(batch_size),
+            shuffle=True,
+            verbose=0,
+        )
+        losses = history.history.get("loss") or [None]
+        self.last_loss = losses[-1]
+        self._sha256 = None  # the weights no longer match the file: never reuse its cached export
+
+    def clone(self) -> KerasAdapter:
+        """An independent copy with the same weights (clone_model, or a safe-mode save/load)."""
+        keras = _keras()
+        try:
+            twin = keras.models.clone_model(self.model)
+            twin.set_weights(self.model.get_weights())
+        except Exception:  # subclassed models without a config: round-trip through a file
+            with tempfile.TemporaryDirectory() as tmp:
+                path = Path(tmp) / "clone.keras"
+                self.model.save(path)
+                twin = keras.saving.load_model(path, safe_mode=True, compile=False)
+        return KerasAdapter(twin, source=self.source, sha256=self._sha256)
+
+    def save(self, path: str | Path) -> Path:
+        """Write the model as a ``.keras`` archive, atomically."""
+        target = Path(path)
+        if target.suffix.lower() != ".keras":
+            raise AdapterError(f"Keras models are saved as .keras files, got {target.name}")
+        return _cache.atomic_write(target, lambda tmp: self.model.save(tmp), suffix=".keras")
+
+    # -- extras ---------------------------------------------------------------------------
+
+    def layers(self) -> list[tuple[str, str, tuple]]:
+        """(layer name, class name, per-sample output shape or ()) for every top-level layer."""
+        out = []
+        for layer in self.model.layers:
+            try:
+                shape = tuple(layer.output.shape[1:])
+            except (AttributeError, ValueError):
+                shape = ()
+            out.append((layer.name, type(layer).__name__, shape))
+        return out
+
+    def predict_logits(self, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
+        """The model's outputs for ``x`` (inference mode), as float32."""
+        x = np.asarray(x).astype(self._input_dtype(), copy=False)
+        if len(x) == 0:
+            return np.zeros((0, 0), dtype=np.float32)
+        out = self.model.predict(x, batch_size=int(batch_size), verbose=0)
+        return np.asarray(out, dtype=np.float32)
+
+    # -- internals ------------------------------------------------------------------------
+
+    def _input(self) -> Any:
+        try:
+            inputs = self.model.inputs
+        except (AttributeError, ValueError):
+            inputs = None
+        if not inputs:
+            raise AdapterError(
+                "the Keras model has no defined inputs yet: build it with keras.Input(...) or "
+                "call it once on a batch before scanning"
+            )
+        if len(inputs) != 1:
+            names = ", ".join(str(getattr(i, "name", i)) for i in inputs)
+            raise AdapterError(
+                f"the model takes {len(inputs)} inputs ({names}); backdoorscan feeds one tensor "
+                "per sample: build a single-input model"
+            )
+        return inputs[0]
+
+    def _input_dtype(self) -> str:
+        try:
+            return str(np.dtype(self._input().dtype))
+        except AdapterError:
+            return "float32"
+
+    def _candidates(self, n: int = 10) -> str:
+        named = [f"{layer.name} ({type(layer).__name__})" for layer in self.model.layers]
+        return ", ".join(named[-n:]) or "(no layers)"
+
+    def _vocab(self, keras: Any) -> int | None:
+        for layer in self.model.layers:
+            if isinstance(layer, keras.layers.Embedding):
+                return int(layer.input_dim)
+        return None
+
+    def _export(self, layer: str | None) -> OnnxExport:
+        import onnx
+
+        keras = _keras()
+        model = self.model
+        inp = self._input()
+        outputs = list(model.outputs)
+        if len(outputs) != 1 or len(outputs[0].shape) != 2:
+            found = (
+                f"{len(outputs)} outputs"
+                if len(outputs) != 1
+                else f"an output of shape {tuple(outputs[0].shape)}"
+            )
+            raise AdapterError(
+                f"the model has {found}; backdoorscan needs a classifier with one "
+                "[batch, classes] output (the feature layer is chosen separately with --layer)"
+            )
+        if layer is None:
+            dense = [x for x in model.layers if isinstance(x, keras.layers.Dense)]
+            if not dense:
+                raise AdapterError(
+                    "no Dense layer in the model, so there is no classifier head whose input "
+                    f"would be the features; name the feature layer with --layer: "
+                    f"{self._candidates()}"
+                )
+            head = dense[-1]
+            try:
+                feature = head.input
+            except (AttributeError, ValueError) as e:
+                raise AdapterError(
+                    f"the input of {head.name} is ambiguous (shared layer?): name the feature "
+                    f"layer with --layer: {self._candidates()}"
+                ) from e
+            description = f"input of {head.name}"
+        else:
+            try:
+                feature = model.get_layer(layer).output
+            except (AttributeError, ValueError) as e:
+                raise AdapterError(
+                    f"no layer named {layer!r} (or it has no single output); candidates: "
+                    f"{self._candidates()}"
+                ) from e
+            description = layer
+        per_sample = tuple(inp.shape[1:])
+        if any(d is None for d in per_sample):
+            raise AdapterError(
+                f"the model input has dynamic dimensions {per_sample}; backdoorscan needs a "
+                "fixed per-sample shape (rebuild the model with a concrete keras.Input shape)"
+            )
+        dtype = str(np.dtype(inp.dtype))
+        two = keras.Model(model.inputs, [outputs[0], feature])
+        spec = keras.InputSpec(shape=(None, *per_sample), dtype=dtype)
+        with tempfile.TemporaryDirectory() as tmp, _quiet():
+            path = Path(tmp) / "model.onnx"
+            try:
+                two.export(str(path), format="onnx", verbose=False, input_signature=[spec])
+            except Exception as e:
+                raise AdapterError(
+                    f"Keras could not export the model to ONNX on the "
+                    f"{keras.backend.backend()} backend: {e} (see backdoorscan.adapters.keras "
+                    "for what each backend needs)"
+                ) from e
+            graph = onnx.load(str(path))
+        graph_inputs = _check.data_inputs(graph)
+        if len(graph_inputs) != 1 or len(graph.graph.output) != 2:
+            raise AdapterError("Keras' ONNX export does not have one input and two outputs")
+        # Keras numbers its ONNX outputs; they come in the order the functional model lists them.
+        logits_name, feature_name = (o.name for o in graph.graph.output)
+        graph = _check.name_outputs(graph, logits_name, feature_name)
+        model_bytes = graph.SerializeToString()
+        x = _check.sample_batch(per_sample, dtype, vocab=self._vocab(keras))
+        x2 = x[: _check.SECOND_BATCH]
+
+        def reference(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            logits, feats = two.predict(batch, batch_size=len(batch), verbose=0)
+            return np.asarray(logits), np.asarray(feats).reshape(len(batch), -1)
+
+        what = self.source.name if self.source else "the model"
+        feature_dim, num_classes, note = _check.check_export(
+            model_bytes, graph_inputs[0].name, [x, x2], reference, what=what
+        )
+        notes = [f"exported with Keras {keras.__version__} on {keras.backend.backend()}", note]
+        if not _outputs_logits(keras, model):
+            notes.append("the model ends in softmax: 'logits' holds probabilities")
+        return OnnxExport(
+            model_bytes=model_bytes,
+            input_name=graph_inputs[0].name,
+            input_shape=per_sample,
+            input_dtype=dtype,
+            layer=description,
+            feature_dim=feature_dim,
+            num_classes=num_classes,
+            notes=notes,
+        )
+
+
+def _outputs_logits(keras: Any, model: Any) -> bool:
+    """False when the last layer applies softmax (the outputs are probabilities)."""
+    if not model.layers:
+        return True
+    last = model.layers[-1]
+    if isinstance(last, keras.layers.Softmax):
+        return False
+    act = getattr(last, "activation", None)
+    return getattr(act, "__name__", "") != "softmax"
+
+
+def _backend_version(keras: Any) -> str:
+    name = keras.backend.backend()
+    mod = {"torch": "torch", "tensorflow": "tensorflow", "jax": "jax"}.get(name)
+    if mod and mod in sys.modules:
+        return str(getattr(sys.modules[mod], "__version__", ""))
+    return ""
+
+
+def _quiet() -> Any:
+    """The torch adapter's silencer: Keras' torch-backend export goes through torch.onnx."""
+    from backdoorscan.adapters.torch import _quiet as quiet
+
+    return quiet()
