@@ -57,6 +57,17 @@ def _shape(text: str | None) -> tuple[int, ...] | None:
     return dims
 
 
+def _memory_size(text: str | None) -> int | None:
+    if text is None:
+        return None
+    from backdoorscan.scanner.budget import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
 def _clusters(text: str) -> int | str:
     if text == "auto":
         return text
@@ -182,10 +193,10 @@ def detect_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     opts = [
         click.option(
             "--reduce",
-            type=click.Choice(["ica", "pca", "none"]),
             default=_D.reduce,
             show_default=True,
-            help="Dimensionality reduction per class.",
+            help="Dimensionality reduction per class: pca, ica or none, or several joined by "
+            "'+' (each is clustered).",
         ),
         click.option(
             "--n-components",
@@ -289,6 +300,13 @@ def cli() -> None:
     help="Where ONNX Runtime runs; auto takes CUDA when it loads.",
 )
 @click.option("--batch-size", type=click.IntRange(1), default=256, show_default=True)
+@click.option(
+    "--max-memory",
+    metavar="SIZE",
+    callback=lambda _c, _p, v: _memory_size(v),
+    help="Memory the scan's arrays may use, e.g. 2G or 512M; a scan estimated to need more is "
+    "refused before extraction. Default: the machine's (or container's) memory.",
+)
 @model_options
 @detect_options
 @output_options
@@ -303,6 +321,7 @@ def scan(
     std: str | None,
     device: str,
     batch_size: int,
+    max_memory: int | None,
     arch: str | None,
     arch_kwargs: str | None,
     input_shape: str | None,
@@ -335,6 +354,7 @@ def scan(
             layer=layer,
             device=device,
             batch_size=batch_size,
+            max_memory=max_memory,
             scale=scale,
             mean=_floats(mean),
             std=_floats(std),
@@ -412,6 +432,48 @@ def layers(
         name, op, shape, default = _layer_row(row)
         dims = "x".join("?" if d is None or isinstance(d, str) else str(d) for d in shape) or "?"
         click.echo(f"{'*' if default else ' '} {name:<40} {op:<20} {dims}")
+
+
+@cli.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    required=True,
+    help="Where to write the ONNX file (atomically).",
+)
+@model_options
+def export(
+    model: Path,
+    output: Path,
+    arch: str | None,
+    arch_kwargs: str | None,
+    input_shape: str | None,
+    layer: str | None,
+) -> None:
+    """Export MODEL to ONNX with two outputs, logits and features (the layer that is clustered).
+
+    \b
+    Examples:
+      backdoorscan export weights.pt --arch mypkg.models:Net --input-shape 1,28,28 --layer fc1 \\
+        -o model.onnx
+      backdoorscan export model.keras -o model.onnx
+    """
+    from backdoorscan import adapters
+    from backdoorscan.scanner.report import atomic_write_bytes
+
+    kwargs = _adapter_kwargs(arch, arch_kwargs, input_shape)
+    with _errors():
+        exported = adapters.load(model, **kwargs).to_onnx(layer)
+        atomic_write_bytes(output, exported.model_bytes)
+    dims = "x".join("?" if d is None else str(d) for d in exported.input_shape)
+    click.echo(
+        f"wrote {output}: input {exported.input_name} [{dims}] {exported.input_dtype}, "
+        f"features from {exported.layer!r} ({exported.feature_dim or '?'} values)"
+    )
+    for note in exported.notes:
+        click.echo(f"  note: {note}")
 
 
 def _layer_row(row: Any) -> tuple[str, str, tuple[Any, ...], bool]:
