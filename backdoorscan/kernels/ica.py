@@ -1,0 +1,151 @@
+"""FastICA (parallel fixed-point algorithm, logcosh contrast, symmetric decorrelation).
+
+Whitening is an eigendecomposition of the covariance in numpy; the fixed-point iterations run in
+one Numba kernel (a pass of plain loops per iteration, no BLAS threads).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+from .pca import _EPS, as_matrix, top_eigh
+
+
+@njit(cache=True)
+def _standard_normal(k: int, seed: int) -> np.ndarray:
+    """A seeded k x k standard normal matrix: the initial unmixing of the whitened data."""
+    np.random.seed(seed)
+    W = np.empty((k, k))
+    for i in range(k):
+        for j in range(k):
+            W[i, j] = np.random.normal(0.0, 1.0)
+    return W
+
+
+@njit(cache=True)
+def _sym_decorrelation(W: np.ndarray) -> np.ndarray:
+    """W <- (W W^T)^{-1/2} W, which makes the rows of W orthonormal without favouring any."""
+    s, u = np.linalg.eigh(W @ W.T)
+    k = s.shape[0]
+    floor = max(s[k - 1], 1e-300) * 1e-15
+    scaled = np.empty((k, k))
+    for j in range(k):
+        inv = 1.0 / np.sqrt(max(s[j], floor))
+        for i in range(k):
+            scaled[i, j] = u[i, j] * inv
+    return (scaled @ u.T) @ W
+
+
+@njit(cache=True)
+def _tanh(x: float) -> float:
+    """tanh through one exp: within 1 ulp in absolute terms and about 3x faster than libm's
+    tanh, which Numba cannot vectorise."""
+    e = np.exp(-2.0 * abs(x))
+    t = (1.0 - e) / (1.0 + e)
+    return t if x >= 0.0 else -t
+
+
+@njit(cache=True, fastmath={"reassoc", "contract"})
+def _fixed_point_sums(X1T: np.ndarray, W: np.ndarray, G: np.ndarray, E: np.ndarray, gp: np.ndarray):
+    """One pass of the fixed-point update: G = tanh(W X1T), E = G X1T^T / n, gp = mean(1 - G^2).
+
+    Plain loops over contiguous rows (reassociation lets LLVM vectorise the sums), so the
+    kernel never hands these small products to a multi-threaded BLAS.
+    """
+    k, n = X1T.shape
+    for j in range(k):
+        for i in range(n):
+            G[j, i] = 0.0
+        for c in range(k):
+            w = W[j, c]
+            for i in range(n):
+                G[j, i] += w * X1T[c, i]
+        acc = 0.0
+        for i in range(n):
+            t = _tanh(G[j, i])
+            G[j, i] = t
+            acc += 1.0 - t * t
+        gp[j] = acc / n
+        for c in range(k):
+            dot = 0.0
+            for i in range(n):
+                dot += G[j, i] * X1T[c, i]
+            E[j, c] = dot / n
+
+
+@njit(cache=True)
+def _fastica_par(X1T: np.ndarray, W0: np.ndarray, max_iter: int, tol: float):
+    """Parallel FastICA on whitened data X1T [k, n] (one row per component) from W0 [k, k].
+
+    Returns (W [k, k], n_iter). Stops when max_j | |<w_j new, w_j old>| - 1 | < tol; n_iter is
+    then the iteration count, and max_iter when the tolerance was not met.
+    """
+    k, n = X1T.shape
+    W = _sym_decorrelation(W0)
+    G = np.empty((k, n))
+    E = np.empty((k, k))
+    gp = np.empty(k)
+    W1 = np.empty((k, k))
+    n_iter = max_iter
+    for it in range(max_iter):
+        _fixed_point_sums(X1T, W, G, E, gp)
+        for j in range(k):
+            for col in range(k):
+                W1[j, col] = E[j, col] - gp[j] * W[j, col]
+        W_new = _sym_decorrelation(W1)
+        lim = 0.0
+        for j in range(k):
+            dot = 0.0
+            for col in range(k):
+                dot += W_new[j, col] * W[j, col]
+            lim = max(lim, abs(abs(dot) - 1.0))
+        W = W_new
+        if lim < tol:
+            n_iter = it + 1
+            break
+    return W, n_iter
+
+
+def fastica(
+    X: np.ndarray,
+    n_components: int = 10,
+    *,
+    max_iter: int = 200,
+    tol: float = 1e-4,
+    random_state: int = 0,
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """Unmix X into independent, unit-variance sources with FastICA (logcosh, alpha = 1).
+
+    Returns (S [n, k] sources, unmixing [k, d] with S = (X - X.mean(0)) @ unmixing.T, n_iter).
+    ``n_iter == max_iter`` means NOT converged (a run that meets ``tol`` on its very last
+    allowed iteration also reads so). k = min(n_components, n, d, rank of X). Sources come in
+    no particular order; each unmixing row has its largest-magnitude entry positive.
+    """
+    X = as_matrix(X)
+    n, d = X.shape
+    if n < 2:
+        raise ValueError("fastica needs at least 2 samples")
+    if n_components < 1:
+        raise ValueError(f"n_components must be >= 1, got {n_components}")
+    if max_iter < 1:
+        raise ValueError(f"max_iter must be >= 1, got {max_iter}")
+    seed = int(random_state)
+    if not 0 <= seed < 2**32:
+        raise ValueError(f"random_state must be an integer in [0, 2**32), got {random_state}")
+    k = min(int(n_components), n, d)
+    Xc = X - X.mean(axis=0)
+    w, V = top_eigh(Xc, k)
+    if w[0] <= 0.0:
+        raise ValueError("fastica: X has no variance")
+    k = int(np.count_nonzero(w > w[0] * max(n, d) * _EPS))
+    var = w[:k] / n
+    K = np.ascontiguousarray((V[:, :k] / np.sqrt(var)).T)  # whitening: [k, d]
+    X1T = np.ascontiguousarray(K @ Xc.T)  # whitened data, one row per component
+    W, n_iter = _fastica_par(X1T, _standard_normal(k, seed), int(max_iter), float(tol))
+    unmixing = W @ K
+    rows = np.argmax(np.abs(unmixing), axis=1)
+    signs = np.where(unmixing[np.arange(k), rows] < 0.0, -1.0, 1.0)
+    unmixing = np.ascontiguousarray(unmixing * signs[:, None])
+    S = np.ascontiguousarray(Xc @ unmixing.T)
+    return S, unmixing, int(n_iter)
