@@ -15,7 +15,7 @@ class DetectConfig:
 
     reduce: str = "pca+ica"
     n_components: int = 10
-    n_clusters: int | str = 2
+    n_clusters: int | str | tuple[int, ...] = (2, 3)
     max_clusters: int = 5
     n_init: int = 10
     size_threshold: float = 0.35
@@ -23,13 +23,15 @@ class DetectConfig:
     silhouette_threshold: float = 0.25
     rule: tuple[str, ...] = ("transfer",)
     min_class_size: int = 20
-    silhouette_max_exact: int = 4000
+    silhouette_max_exact: int = 2000
     ica_max_iter: int = 200
     transfer_threshold: float = 0.5
     transfer_samples: int = 300
     transfer_queries: int = 100
     transfer_neighbors: int = 10
     fallback_rule: tuple[str, ...] = ("size", "separation")
+    refine: bool = True
+    max_share: float = 0.6
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -38,12 +40,7 @@ class DetectConfig:
                 f"reduce must be one of {', '.join(REDUCTIONS)} or several joined by '+', "
                 f"not {self.reduce!r}"
             )
-        if isinstance(self.n_clusters, str) and self.n_clusters != "auto":
-            raise ValueError(
-                f"n_clusters must be an integer >= 2 or 'auto', not {self.n_clusters!r}"
-            )
-        if isinstance(self.n_clusters, int) and self.n_clusters < 2:
-            raise ValueError("n_clusters must be at least 2")
+        self.n_clusters = parse_clusters(self.n_clusters)
         if self.n_components < 1:
             raise ValueError("n_components must be at least 1")
         if not 0 < self.size_threshold < 1:
@@ -65,4 +62,22 @@ class DetectConfig:
         out = asdict(self)
         out["rule"] = list(self.rule)
         out["fallback_rule"] = list(self.fallback_rule)
+        if isinstance(self.n_clusters, tuple):
+            out["n_clusters"] = list(self.n_clusters)
         return out
+
+
+def parse_clusters(value: int | str | tuple[int, ...] | list[int]) -> int | str | tuple[int, ...]:
+    """``2``, ``"2,3"``, ``(2, 3)`` or ``"auto"``; every k must be at least 2."""
+    if value == "auto":
+        return "auto"
+    given = value
+    if isinstance(value, str):
+        try:
+            value = tuple(int(v) for v in value.split(",") if v.strip())
+        except ValueError:
+            raise ValueError(f"n_clusters must be integers >= 2 or 'auto', not {value!r}") from None
+    ks = (value,) if isinstance(value, int) else tuple(int(v) for v in value)
+    if not ks or min(ks) < 2:
+        raise ValueError(f"n_clusters must be integers >= 2 or 'auto', not {given!r}")
+    return ks[0] if len(ks) == 1 else tuple(sorted(set(ks)))

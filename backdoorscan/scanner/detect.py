@@ -20,9 +20,8 @@ smaller cluster of every class, which makes every clean model look poisoned.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -31,7 +30,14 @@ from backdoorscan.kernels import fastica, kmeans, pca, silhouette_score
 from backdoorscan.scanner.config import ANALYSES, DetectConfig
 from backdoorscan.scanner.report import ClassResult, Report
 
-__all__ = ["ANALYSES", "DetectConfig", "TransferFn", "detect", "effective_rule", "reduce_features"]
+__all__ = [
+    "ANALYSES",
+    "DetectConfig",
+    "TransferTest",
+    "detect",
+    "effective_rule",
+    "reduce_features",
+]
 
 
 @dataclass
@@ -59,28 +65,25 @@ def reduce_features(f: np.ndarray, cfg: DetectConfig, seed: int, method: str) ->
     return z
 
 
-def _cluster(z: np.ndarray, cfg: DetectConfig, seed: int) -> _Clustering:
+def _kmeans_fit(z: np.ndarray, k: int, cfg: DetectConfig, seed: int) -> _Clustering:
+    labels, centers, _, _ = kmeans(z, k, n_init=cfg.n_init, random_state=seed)
+    if len(np.unique(labels)) < 2:
+        sil = 0.0
+    else:
+        sil = silhouette_score(z, labels, max_exact=cfg.silhouette_max_exact, random_state=seed)
+    return _Clustering(z, labels, centers, k, float(sil))
+
+
+def _cluster(z: np.ndarray, cfg: DetectConfig, seed: int) -> list[_Clustering]:
+    """k-means for each k asked for; with ``auto``, the one k chosen by silhouette."""
     n = len(z)
-    ks = (
-        [cfg.n_clusters]
-        if isinstance(cfg.n_clusters, int)
-        else list(range(2, cfg.max_clusters + 1))
-    )
-    fits = []
-    for k in ks:
-        if k >= n:
-            break
-        labels, centers, _, _ = kmeans(z, k, n_init=cfg.n_init, random_state=seed)
-        if len(np.unique(labels)) < 2:
-            sil = 0.0
-        else:
-            sil = silhouette_score(z, labels, max_exact=cfg.silhouette_max_exact, random_state=seed)
-        fits.append(_Clustering(z, labels, centers, k, float(sil)))
-    if len(fits) == 1:
-        return fits[0]
+    if cfg.n_clusters != "auto":
+        ks = (cfg.n_clusters,) if isinstance(cfg.n_clusters, int) else cfg.n_clusters
+        return [_kmeans_fit(z, k, cfg, seed) for k in ks if k < n]
+    fits = [_kmeans_fit(z, k, cfg, seed) for k in range(2, cfg.max_clusters + 1) if k < n]
     # The smallest k whose silhouette is within 0.01 of the best: the best alone over-splits.
     best = max(f.silhouette for f in fits)
-    return next(f for f in fits if f.silhouette >= best - 0.01)
+    return [next(f for f in fits if f.silhouette >= best - 0.01)]
 
 
 def _separation(z: np.ndarray, members: np.ndarray) -> float:
@@ -103,7 +106,16 @@ def _class_medians(
     return {int(c): np.median(features[labels == c], axis=0) for c in classes}
 
 
-TransferFn = Callable[[np.ndarray, int, int], tuple[float, "int | None"]]
+class TransferTest(Protocol):
+    """Asks the model whether a cluster's shared perturbation acts as a trigger."""
+
+    def __call__(self, indices: np.ndarray, label: int, seed: int) -> tuple[float, int | None, Any]:
+        """Transfer rate, suspected source, and the estimated trigger (or None)."""
+        ...
+
+    def trigger_scores(self, indices: np.ndarray, trigger: Any) -> np.ndarray:
+        """How strongly each of the samples at ``indices`` carries ``trigger``."""
+        ...
 
 
 @dataclass
@@ -118,6 +130,7 @@ class _Candidate:
     nearest: int | None = None
     transfer: float | None = None
     source: int | None = None
+    trigger: Any = None
 
 
 def _candidates(f: np.ndarray, cfg: DetectConfig, seed: int) -> list[_Candidate]:
@@ -126,16 +139,18 @@ def _candidates(f: np.ndarray, cfg: DetectConfig, seed: int) -> list[_Candidate]
     seen: set[bytes] = set()
     for method in cfg.reductions:
         z = reduce_features(f, cfg, seed, method)
-        fit = _cluster(z, cfg, seed)
-        fit.reduction = f"{method} k={fit.k}"
-        sizes = np.bincount(fit.labels, minlength=fit.k)
-        for j in range(fit.k):
-            members = fit.labels == j
-            key = np.packbits(members).tobytes()
-            if members.all() or not members.any() or key in seen:
-                continue
-            seen.add(key)
-            out.append(_Candidate(j, members, sizes[j] / len(f), _separation(z, members), fit, z))
+        for fit in _cluster(z, cfg, seed):
+            fit.reduction = f"{method} k={fit.k}"
+            sizes = np.bincount(fit.labels, minlength=fit.k)
+            for j in range(fit.k):
+                members = fit.labels == j
+                key = np.packbits(members).tobytes()
+                if not members.any() or members.mean() > cfg.max_share or key in seen:
+                    continue
+                seen.add(key)
+                out.append(
+                    _Candidate(j, members, sizes[j] / len(f), _separation(z, members), fit, z)
+                )
     return out
 
 
@@ -164,7 +179,7 @@ def detect(
     labels: np.ndarray,
     config: DetectConfig | None = None,
     *,
-    transfer: TransferFn | None = None,
+    transfer: TransferTest | None = None,
     **overrides: Any,
 ) -> Report:
     """Cluster each class's activations and say which samples look like poison.
@@ -218,7 +233,7 @@ def detect(
             cand.distance, cand.nearest = _distance(f, cand.members, medians, int(c))
             pre = _votes(cand, cfg)
             if transfer is not None and "transfer" in rule and all(pre[a] for a in cheap):
-                cand.transfer, cand.source = transfer(idx[cand.members], int(c), seed)
+                cand.transfer, cand.source, cand.trigger = transfer(idx[cand.members], int(c), seed)
         passing = [cd for cd in cands if all(_votes(cd, cfg).get(a, False) for a in rule)]
         poisoned = bool(passing)
         if passing:
@@ -239,6 +254,11 @@ def detect(
                 ),
             )
         members, fit, z = best.members, best.fit, best.z
+        refined = False
+        if poisoned and cfg.refine and transfer is not None and best.trigger is not None:
+            carried = _carriers(transfer.trigger_scores(idx, best.trigger), members)
+            if carried is not None:
+                members, refined = carried, True
         votes = _votes(best, cfg)
         # Membership: how much nearer a sample sits to the candidate centre than to the rest.
         d_c = np.linalg.norm(z - z[members].mean(axis=0), axis=1)
@@ -260,6 +280,7 @@ def detect(
                 cluster_sizes=[int(s) for s in sizes],
                 suspicious_cluster=best.cluster,
                 clustering=fit.reduction,
+                refined=refined,
                 relative_size=float(best.relative_size),
                 silhouette=fit.silhouette,
                 separation=float(best.separation),
@@ -282,6 +303,24 @@ def detect(
         data={"n_samples": n, "n_classes": len(classes)},
         timings={"detect": time.perf_counter() - t0},
     )
+
+
+def _carriers(scores: np.ndarray, members: np.ndarray) -> np.ndarray | None:
+    """The samples that carry a confirmed trigger about as fully as the cluster's samples do.
+
+    Clusters in activation space can be impure; the trigger itself is sharper evidence. A
+    sample carries it when its score reaches the cluster's median less four robust standard
+    deviations (and at least half the trigger). The result is kept only where it mostly agrees
+    with the cluster (Jaccard >= 0.5); otherwise the cluster stands.
+    """
+    inside = scores[members]
+    median = float(np.median(inside))
+    mad = float(np.median(np.abs(inside - median))) * 1.4826
+    carriers = scores >= max(0.5, median - 4.0 * mad)
+    jaccard = (carriers & members).sum() / max((carriers | members).sum(), 1)
+    if not carriers.any() or carriers.all() or jaccard < 0.5:
+        return None
+    return carriers
 
 
 def _distance(

@@ -31,6 +31,7 @@ class ClassResult:
     cluster_sizes: list[int] = field(default_factory=list)
     suspicious_cluster: int | None = None
     clustering: str = ""
+    refined: bool = False
     relative_size: float | None = None
     silhouette: float | None = None
     separation: float | None = None
@@ -57,6 +58,11 @@ class Report:
     timings: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     schema_version: int = SCHEMA_VERSION
+    exre: dict[str, Any] | None = None
+    repair: dict[str, Any] | None = None
+    # Per-sample predictions of the model retrained without the suspicious clusters (ExRe
+    # 'full'; -1 where not asked): repair relabels with them. Not serialized.
+    exre_predictions: np.ndarray | None = field(default=None, repr=False)
 
     @property
     def poisoned_classes(self) -> list[int]:
@@ -103,6 +109,10 @@ class Report:
             "timings_s": {k: round(v, 4) for k, v in self.timings.items()},
             "notes": self.notes,
         }
+        if self.exre is not None:
+            out["exre"] = _clean(self.exre)
+        if self.repair is not None:
+            out["repair"] = _clean(self.repair)
         if include_scores:
             out["scores"] = [round(float(s), 6) for s in self.scores]
         return out
@@ -148,6 +158,8 @@ class Report:
                 f"{_fmt(c.distance_ratio, '.2f', 6)} {_fmt(c.transfer, '.2f', 9)} "
                 f"{_fmt(c.suspected_source, 'd', 7)}" + (f"  ({c.reason})" if c.reason else "")
             )
+        lines.extend(_exre_lines(self))
+        lines.extend(_repair_lines(self.repair))
         for note in self.notes:
             lines.append(f"  note: {note}")
         if self.timings:
@@ -162,6 +174,79 @@ class Report:
         if fmt == "text":
             return self.to_text()
         raise ValueError(f"unknown format {fmt!r}")
+
+
+def _exre_lines(report: Report) -> list[str]:
+    """The exclusionary-reclassification table: one line per class and method."""
+    rows = [c for c in report.classes if c.exre]
+    if not rows:
+        return []
+    info = report.exre or {}
+    how = []
+    full = info.get("full")
+    if full:
+        init = "from scratch" if full.get("init") == "scratch" else "from the current weights"
+        how.append(
+            f"full: retrained {init}, {full.get('epochs')} epoch(s) on {full.get('n_trained')} "
+            f"samples without {full.get('n_excluded')}"
+        )
+    if info.get("probe"):
+        how.append(f"probe: {info['probe'].get('classifier')}")
+    lines = [
+        "",
+        f"  exclusionary reclassification ({'; '.join(how)}; poison when own/other < "
+        f"{info.get('threshold')})",
+        "  class  method      n   own  source  share   ratio  answer",
+    ]
+    for c in rows:
+        assert c.exre is not None
+        for method in ("full", "probe"):
+            o = c.exre.get(method)
+            if not o:
+                continue
+            lines.append(
+                f"  {c.label:>5}  {method:<6} {o['n']:>6} {_fmt(o['own_share'], '.2f', 5)} "
+                f"{_fmt(o['source'], 'd', 7)} {_fmt(o['source_share'], '.2f', 6)} "
+                f"{_fmt(o['ratio'], '.2f', 7)}  {o['verdict']}"
+            )
+    return lines
+
+
+def _repair_lines(repair: dict[str, Any] | None) -> list[str]:
+    """The repair section: what changed, the scan before, the measured effect, files written."""
+    if not repair:
+        return []
+    lines = ["", f"  repair ({repair.get('strategy')}): {repair.get('summary', '')}"]
+    before = repair.get("before") or {}
+    if before:
+        flagged = before.get("poisoned_classes") or []
+        lines.append(
+            f"    scan before: {before.get('verdict')}"
+            + (f" in class(es) {', '.join(map(str, flagged))}" if flagged else "")
+            + f", {before.get('n_flagged', 0)} samples flagged"
+        )
+    metrics = repair.get("metrics") or {}
+    if metrics.get("measured"):
+        b, a = metrics.get("before", {}), metrics.get("after", {})
+        for key, name in (("clean_accuracy", "clean accuracy"), ("asr", "attack success rate")):
+            if key in b or key in a:
+                lines.append(
+                    f"    {name}: {_fmt(b.get(key), '.4f', 6).strip()} -> "
+                    f"{_fmt(a.get(key), '.4f', 6).strip()}"
+                )
+        per_class = a.get("asr_per_class") or {}
+        if per_class:
+            shown = ", ".join(
+                f"{k}: {_fmt(b.get('asr_per_class', {}).get(k), '.3f', 5).strip()} -> "
+                f"{_fmt(v, '.3f', 5).strip()}"
+                for k, v in per_class.items()
+            )
+            lines.append(f"    share of triggered samples sent to each flagged class: {shown}")
+    else:
+        lines.append(f"    {metrics.get('note', 'clean accuracy and attack success not measured')}")
+    for path in repair.get("written", []):
+        lines.append(f"    wrote {path}")
+    return lines
 
 
 def _fmt(value: float | int | None, spec: str, width: int) -> str:

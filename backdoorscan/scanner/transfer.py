@@ -57,8 +57,11 @@ class TransferProbe:
             out.append(np.asarray(logits).reshape(len(xb[s : s + 256]), -1).argmax(axis=1))
         return np.concatenate(out)
 
-    def __call__(self, cluster: np.ndarray, label: int, seed: int) -> tuple[float, int | None]:
-        """Transfer rate of the cluster's shared perturbation; the class its samples resemble."""
+    def __call__(
+        self, cluster: np.ndarray, label: int, seed: int
+    ) -> tuple[float, int | None, np.ndarray | None]:
+        """Transfer rate of the cluster's shared perturbation, the class most sent to the label
+        by it (the suspected source), and the perturbation itself (None if none was found)."""
         self.calls += 1
         cfg = self.cfg
         rng = np.random.default_rng(seed)
@@ -70,25 +73,45 @@ class TransferProbe:
         ref = np.flatnonzero(outside)
         targets_pool = np.flatnonzero(outside & (self.labels != label))
         if len(ref) == 0 or len(targets_pool) == 0:
-            return 0.0, None
+            return 0.0, None, None
         k = min(cfg.transfer_neighbors, len(ref))
         nn, _ = knn(self.sketch[queries], self.sketch[ref], k)
         nn_idx = ref[nn]  # [q, k] sample indices
         targets = self._stratified(targets_pool, rng)
         x_t = self.data.take(targets)
         if self.tokens:
-            stamped = self._insert_tokens(x_t, queries, nn_idx, rng)
+            trigger = self._trigger_tokens(queries, nn_idx)
+            stamped = None if trigger is None else self._insert_tokens(x_t, trigger, rng)
         else:
-            stamped = self._add_perturbation(x_t, queries, nn_idx)
+            trigger, lo, hi = self._trigger_perturbation(queries, nn_idx)
+            stamped = np.clip(x_t + trigger, lo, hi).astype(x_t.dtype)
         if stamped is None:
-            return 0.0, None
+            return 0.0, None, None
         gained = (self.predict(stamped) == label).astype(float) - (
             self.predict(x_t) == label
         ).astype(float)
         t_labels = self.labels[targets]
         rates = {int(s): float(gained[t_labels == s].mean()) for s in np.unique(t_labels)}
         source = max(rates, key=rates.__getitem__)
-        return rates[source], (source if rates[source] > 0 else None)
+        return rates[source], (source if rates[source] > 0 else None), trigger
+
+    def trigger_scores(self, indices: np.ndarray, trigger: np.ndarray) -> np.ndarray:
+        """How strongly each sample carries ``trigger``: its projection on the perturbation, or
+        for token inputs the share of the trigger tokens it contains."""
+        out = np.empty(len(indices), dtype=np.float64)
+        norm = float((trigger.astype(np.float64) ** 2).sum()) if not self.tokens else 1.0
+        for s in range(0, len(indices), 1024):
+            xb = self.data.take(indices[s : s + 1024])
+            if self.tokens:
+                flat = xb.reshape(len(xb), -1)
+                hits = np.stack([(flat == t).any(axis=1) for t in trigger], axis=1)
+                out[s : s + len(xb)] = hits.mean(axis=1)
+            else:
+                flat = xb.reshape(len(xb), -1).astype(np.float64)
+                out[s : s + len(xb)] = (
+                    flat @ trigger.reshape(-1).astype(np.float64) / max(norm, 1e-12)
+                )
+        return out
 
     def _stratified(self, pool: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """Up to an equal number of samples from each class in ``pool``."""
@@ -100,9 +123,9 @@ class TransferProbe:
             picks.append(rng.choice(members, size=min(per_class, len(members)), replace=False))
         return np.sort(np.concatenate(picks))
 
-    def _add_perturbation(
-        self, x_t: np.ndarray, queries: np.ndarray, nn_idx: np.ndarray
-    ) -> np.ndarray:
+    def _trigger_perturbation(
+        self, queries: np.ndarray, nn_idx: np.ndarray
+    ) -> tuple[np.ndarray, float, float]:
         xq = self.data.take(queries).astype(np.float64)
         k = nn_idx.shape[1]
         flat_nn = self.data.take(nn_idx.ravel()).astype(np.float64)
@@ -110,20 +133,23 @@ class TransferProbe:
         trigger = np.median(xq - neighbours, axis=0)
         lo = min(float(xq.min()), float(flat_nn.min()))
         hi = max(float(xq.max()), float(flat_nn.max()))
-        return np.clip(x_t + trigger, lo, hi).astype(x_t.dtype)
+        return trigger, lo, hi
 
-    def _insert_tokens(
-        self, x_t: np.ndarray, queries: np.ndarray, nn_idx: np.ndarray, rng: np.random.Generator
-    ) -> np.ndarray | None:
+    def _trigger_tokens(self, queries: np.ndarray, nn_idx: np.ndarray) -> np.ndarray | None:
         xq = self.data.take(queries).reshape(len(queries), -1)
         xn = self.data.take(np.unique(nn_idx.ravel())).reshape(-1, xq.shape[1])
         df_q = _doc_freq(xq)
         df_n = _doc_freq(xn)
         tokens = sorted(set(df_q) | set(df_n), key=lambda t: df_q.get(t, 0) - df_n.get(t, 0))
         lift = [t for t in reversed(tokens) if df_q.get(t, 0) - df_n.get(t, 0) >= 0.5]
-        trigger = np.array(lift[:MAX_TRIGGER_TOKENS], dtype=x_t.dtype)
-        if len(trigger) == 0:
+        if not lift:
             return None
+        return np.array(lift[:MAX_TRIGGER_TOKENS], dtype=np.int64)
+
+    def _insert_tokens(
+        self, x_t: np.ndarray, trigger: np.ndarray, rng: np.random.Generator
+    ) -> np.ndarray:
+        trigger = trigger.astype(x_t.dtype)
         shape = x_t.shape
         flat = x_t.reshape(len(x_t), -1).copy()
         length = flat.shape[1]
