@@ -124,7 +124,10 @@ def read_model(path: str | Path) -> onnx.ModelProto:
     if any(t.data_location == TensorProto.EXTERNAL for t in _all_initializers(model)):
         from onnx.external_data_helper import load_external_data_for_model
 
-        load_external_data_for_model(model, str(p.parent))
+        try:
+            load_external_data_for_model(model, str(p.parent))
+        except (OSError, ValueError) as exc:
+            raise AdapterError(f"cannot read the external data of {p.name}: {exc}") from None
     return model
 
 
@@ -171,6 +174,35 @@ def check_domains(model: onnx.ModelProto) -> None:
         )
 
 
+def check_text(model: onnx.ModelProto) -> None:
+    """Refuse a model whose names are not valid UTF-8 (protobuf then hands out bytes, not str)."""
+    texts: list[object] = [d.domain for d in model.opset_import]
+    for graph in _all_graphs(model.graph):
+        for vi in [*graph.input, *graph.output, *graph.value_info]:
+            texts.append(vi.name)
+        texts.extend(t.name for t in graph.initializer)
+        for node in graph.node:
+            texts.extend([node.op_type, node.domain, node.name, *node.input, *node.output])
+            texts.extend(a.name for a in node.attribute)
+    for f in model.functions:
+        texts.extend([f.name, f.domain, *f.input, *f.output])
+        for node in f.node:
+            texts.extend([node.op_type, node.domain, *node.input, *node.output])
+    if any(not isinstance(t, str) for t in texts):
+        raise AdapterError("the model holds names that are not valid UTF-8 text; it is damaged")
+
+
+def _all_graphs(graph: onnx.GraphProto) -> Iterable[onnx.GraphProto]:
+    yield graph
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from _all_graphs(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for g in attr.graphs:
+                    yield from _all_graphs(g)
+
+
 def _all_nodes(graph: onnx.GraphProto) -> Iterable[onnx.NodeProto]:
     for node in graph.node:
         yield node
@@ -203,6 +235,7 @@ class OnnxAdapter:
     can_fit = False
 
     def __init__(self, model: onnx.ModelProto, *, source: Path | None = None) -> None:
+        check_text(model)
         check_domains(model)
         self.model = model
         self.source = source
@@ -306,7 +339,7 @@ class OnnxAdapter:
         if elem not in _NP_DTYPES:
             raise AdapterError(
                 f"model input {self.input.name!r} has element type "
-                f"{TensorProto.DataType.Name(elem)}, which backdoorscan cannot feed"
+                f"{_type_name(elem)}, which backdoorscan cannot feed"
             )
         shape = tuple(d if isinstance(d, int) and d > 0 else None for d in dims[1:])
         return shape, _NP_DTYPES[elem]
@@ -351,7 +384,9 @@ class OnnxAdapter:
         feature_dim = _prod(feat_shape[1:]) if feat_shape else None
         logits_shape = shapes.get(logits_src)
         num_classes = (
-            logits_shape[-1] if logits_shape and isinstance(logits_shape[-1], int) else None
+            logits_shape[-1]
+            if logits_shape and isinstance(logits_shape[-1], int) and logits_shape[-1] > 0
+            else None
         )
         del graph.output[:]
         graph.output.extend(
@@ -399,6 +434,10 @@ class OnnxAdapter:
         from backdoorscan.scanner.report import atomic_write_bytes
 
         return atomic_write_bytes(Path(path), self.model.SerializeToString())
+
+
+def _type_name(elem: int) -> str:
+    return TensorProto.DataType.Name(elem) if elem in TensorProto.DataType.values() else str(elem)
 
 
 def _fresh(base: str, taken: set[str], *, keep: str) -> str:

@@ -1,16 +1,21 @@
 """Training data in, batches out: load ``.npz``/``.npy`` safely, check it against the model.
 
-Arrays are loaded once (``.npy`` files are memory-mapped, so a data set larger than memory
-streams from disk) and converted batch by batch: the whole set is never copied twice.
+Arrays are loaded once (``.npy`` files and uncompressed ``.npz`` members are memory-mapped, so
+a data set larger than memory streams from disk; compressed members are unpacked whole) and
+converted batch by batch: the whole set is never copied twice.
 Object arrays are refused (``allow_pickle=False``): a data file is untrusted input too.
 """
 
 from __future__ import annotations
 
+import math
+import struct
 import zipfile
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -92,37 +97,113 @@ def _channel_shape(stat: np.ndarray, xb: np.ndarray) -> tuple[int, ...]:
     return tuple(shape)
 
 
-def _load_array(path: Path, key: str | None, what: str) -> np.ndarray:
-    """Read one array from ``.npy`` (memory-mapped) or one member of ``.npz``, never unpickling."""
+def _load_array(path: Path, key: str | None, what: str, max_bytes: int | None = None) -> np.ndarray:
+    """Read one array from ``.npy`` or one member of ``.npz``, memory-mapped where the file
+    stores it uncompressed, never unpickling."""
     if not path.exists():
         raise DataError(f"{what} file not found: {path}")
     if path.is_dir():
         raise DataError(f"{what} path is a folder, not a file: {path}")
     if path.stat().st_size == 0:
         raise DataError(f"{what} file is empty: {path}")
+    with open(path, "rb") as fh:
+        magic = fh.read(6)
+    if magic[:1] == b"\x80":
+        raise DataError(
+            f"{path.name} is a Python pickle, which is refused: backdoorscan never unpickles a "
+            "data file (save arrays with np.save or np.savez)"
+        )
+    if magic != b"\x93NUMPY" and magic[:4] != b"PK\x03\x04":
+        raise DataError(
+            f"{path.name} is not a numpy file: {what} must be .npy or .npz (np.save, np.savez)"
+        )
     try:
         if path.suffix.lower() == ".npy" or key is None:
             arr = np.load(path, mmap_mode="r", allow_pickle=False)
             if isinstance(arr, np.lib.npyio.NpzFile):
+                arr.close()
                 raise DataError(f"{path.name} is an .npz archive; pass it with --data")
             return _check_plain(arr, path.name)
         with np.load(path, allow_pickle=False) as archive:
             if key not in archive.files:
                 keys = ", ".join(archive.files) or "none"
                 raise DataError(f"{path.name} has no array {key!r} (it has: {keys})")
+            mapped = _map_npz_member(path, key, max_bytes)
+            if mapped is not None:
+                return _check_plain(mapped, f"{path.name}[{key}]")
             return _check_plain(archive[key], f"{path.name}[{key}]")
     except DataError:
         raise
     except ValueError as exc:
-        if "pickle" in str(exc).lower() or "object" in str(exc).lower():
+        text = str(exc).lower()
+        if "pickle" in text or "object" in text:
             raise DataError(
-                f"{path.name} holds object arrays, which are refused (no unpickling)"
+                f"{path.name} holds pickled Python objects (object arrays or a pickle), which "
+                "are refused: backdoorscan never unpickles a data file"
             ) from None
         raise DataError(f"{path.name} is not a readable numpy file ({exc})") from None
-    except (OSError, EOFError, zipfile.BadZipFile) as exc:
+    except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
         raise DataError(
             f"{path.name} is not a readable numpy file ({type(exc).__name__})"
         ) from None
+
+
+def _map_npz_member(path: Path, key: str, max_bytes: int | None) -> np.ndarray | None:
+    """Memory-map ``key`` of an ``.npz`` when the zip stores it uncompressed (``np.savez``).
+
+    Returns None where the member must be read whole (compressed); the header is checked
+    first, so that a member declaring more data than it holds, or a compressed member larger
+    than ``max_bytes``, is refused before anything is allocated.
+    """
+    with zipfile.ZipFile(path) as zf:
+        name = key if key in zf.namelist() else f"{key}.npy"
+        info = zf.getinfo(name)
+        with zf.open(info) as member:
+            shape, fortran, dtype, header_len = _npy_header(member)
+    if dtype.hasobject:
+        raise ValueError("object arrays are refused")
+    nbytes = math.prod(shape) * dtype.itemsize
+    if header_len + nbytes > info.file_size:
+        raise DataError(
+            f"{path.name}[{key}] is damaged: its header declares {nbytes} bytes of data but the "
+            f"member holds {max(info.file_size - header_len, 0)}"
+        )
+    if info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 0x1:
+        if max_bytes is not None and nbytes > max_bytes:
+            raise DataError(
+                f"{path.name}[{key}] is compressed and would be unpacked whole into memory "
+                f"({_mib(nbytes)}, over the memory limit of {_mib(max_bytes)}); save it with "
+                "np.savez (uncompressed) or as .npy so that it streams from disk"
+            )
+        return None
+    if nbytes == 0:
+        return None
+    with open(path, "rb") as fh:
+        fh.seek(info.header_offset)
+        local = fh.read(30)
+        if len(local) < 30 or local[:4] != b"PK\x03\x04":
+            raise DataError(f"{path.name} is a damaged zip archive (member {name})")
+        name_len, extra_len = struct.unpack("<HH", local[26:30])
+    offset = info.header_offset + 30 + name_len + extra_len + header_len
+    return np.memmap(
+        path, dtype=dtype, mode="r", offset=offset, shape=shape, order="F" if fortran else "C"
+    )
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.2f} MiB"
+
+
+def _npy_header(fh: BinaryIO) -> tuple[tuple[int, ...], bool, np.dtype, int]:
+    """Shape, Fortran order, dtype and header length of the ``.npy`` stream ``fh``."""
+    version = np.lib.format.read_magic(fh)
+    if version == (1, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_1_0(fh)
+    elif version == (2, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_2_0(fh)
+    else:
+        raise ValueError(f"unsupported .npy format version {version}")
+    return shape, fortran, dtype, fh.tell()
 
 
 def _check_plain(arr: np.ndarray, name: str) -> np.ndarray:
@@ -137,8 +218,13 @@ def load_data(
     *,
     x_key: str = "x",
     y_key: str = "y",
+    max_bytes: int | None = None,
 ) -> Dataset:
-    """Load samples and labels from one ``.npz`` (``x_key``, ``y_key``) or two ``.npy`` files."""
+    """Load samples and labels from one ``.npz`` (``x_key``, ``y_key``) or two ``.npy`` files.
+
+    ``.npy`` files and uncompressed ``.npz`` members are memory-mapped; a compressed member
+    larger than ``max_bytes`` is refused before it is unpacked.
+    """
     data = Path(data)
     if labels is not None:
         x = _load_array(data, None, "data")
@@ -147,8 +233,8 @@ def load_data(
     else:
         if data.suffix.lower() == ".npy":
             raise DataError(f"{data.name} holds samples only: pass the labels with --labels")
-        x = _load_array(data, x_key, "data")
-        y = _load_array(data, y_key, "data")
+        x = _load_array(data, x_key, "data", max_bytes)
+        y = _load_array(data, y_key, "data", max_bytes)
         source = data.name
     return from_arrays(x, y, source=source)
 
@@ -157,7 +243,9 @@ def from_arrays(x: np.ndarray, y: np.ndarray, *, source: str = "<arrays>") -> Da
     """Wrap in-memory arrays after checking the labels and lengths."""
     x = np.asarray(x) if not isinstance(x, np.ndarray) else x
     y = np.asarray(y)
-    if x.ndim == 0 or x.shape[0] == 0:
+    if x.ndim == 0:
+        raise DataError("samples must be an array with one row per sample, got a single number")
+    if x.shape[0] == 0:
         raise DataError("the data set holds no samples")
     if y.ndim != 1:
         if y.ndim == 2 and y.shape[1] > 1 and np.isin(y, (0, 1)).all() and (y.sum(1) == 1).all():

@@ -227,6 +227,16 @@ def detect(
         seed = cfg.seed + int(c)
         f = features[idx]
         cands = _candidates(f, cfg, seed)
+        if not cands:  # every sample of the class has the same activations
+            results.append(
+                ClassResult(
+                    int(c),
+                    len(idx),
+                    "skipped",
+                    reason=f"all {len(idx)} samples have identical activations; nothing to cluster",
+                )
+            )
+            continue
         # The model is asked about every cluster that the cheaper analyses leave in the running.
         cheap = [a for a in rule if a != "transfer"]
         for cand in cands:
@@ -291,6 +301,12 @@ def detect(
                 suspected_source=source,
             )
         )
+    notes = []
+    if len(classes) == 1 and "transfer" in rule:
+        notes.append(
+            "the data holds one class only: the transfer test needs samples of other classes "
+            "to stamp, so no cluster could be confirmed"
+        )
     flagged = np.flatnonzero(scores > 0.5)
     settings = cfg.as_dict()
     settings["rule_applied"] = list(rule)
@@ -302,6 +318,7 @@ def detect(
         scores=scores,
         data={"n_samples": n, "n_classes": len(classes)},
         timings={"detect": time.perf_counter() - t0},
+        notes=notes,
     )
 
 

@@ -17,6 +17,11 @@ from backdoorscan.adapters.base import OnnxExport
 from backdoorscan.scanner.data import Dataset
 from backdoorscan.scanner.sketch import InputSketch
 
+# ONNX Runtime 1.31's Linux builds record a telemetry event per process (device id, OS, CPU,
+# executable path) under ~/.cache/Microsoft and write $TMPDIR/.ses unless this is set before
+# onnxruntime is imported; a scanner of untrusted models should leave no such trace.
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+
 DEVICES = ("auto", "cpu", "cuda")
 ProgressFn = Callable[[int], None]
 
@@ -98,6 +103,29 @@ def session_provider(session: object) -> str:
     return session.get_providers()[0]  # type: ignore[attr-defined]
 
 
+def _quiet_run() -> object:
+    """Run options that keep ONNX Runtime from logging a failing kernel: the error is raised
+    and reported in one line instead."""
+    import onnxruntime as ort
+
+    options = ort.RunOptions()
+    options.log_severity_level = 4
+    return options
+
+
+def _per_sample(out: object, n: int, what: str) -> np.ndarray:
+    """A model output as ``[n, values]`` numbers; a hostile graph may return anything."""
+    arr = np.asarray(out)
+    if arr.dtype.kind not in "biuf":
+        raise ExtractionError(f"the model's {what} output has dtype {arr.dtype}, not numbers")
+    if arr.size == 0 or arr.size % n:
+        raise ExtractionError(
+            f"the model's {what} output has shape {arr.shape} for a batch of {n} samples; "
+            "expected one row of values per sample"
+        )
+    return arr.reshape(n, -1)
+
+
 def extract(
     export: OnnxExport,
     data: Dataset,
@@ -125,18 +153,21 @@ def extract(
     out_names = [export.logits_name, export.features_name]
     tokens = np.issubdtype(np.dtype(data.dtype), np.integer)
     sketch = InputSketch(n, sketch_dim, seed=seed, tokens=tokens) if sketch_dim > 0 else None
+    run_options = _quiet_run()
     for start, xb in data.batches(batch_size):
         try:
-            logits, feats = session.run(out_names, {export.input_name: xb})  # type: ignore[attr-defined]
+            logits, feats = session.run(out_names, {export.input_name: xb}, run_options)  # type: ignore[attr-defined]
         except Exception as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ExtractionError(f"the model failed on samples {start}..: {first}") from None
-        feats = np.asarray(feats).reshape(len(xb), -1)
-        logits = np.asarray(logits).reshape(len(xb), -1)
+        feats = _per_sample(feats, len(xb), "features")
+        logits = _per_sample(logits, len(xb), "logits")
         if features is None:
             features = np.empty((n, feats.shape[1]), dtype=np.float32)
         elif feats.shape[1] != features.shape[1]:
             raise ExtractionError("the feature size changed between batches")
+        if num_classes and logits.shape[1] != num_classes:
+            raise ExtractionError("the number of logits changed between batches")
         num_classes = logits.shape[1]
         stop = start + len(xb)
         features[start:stop] = feats
