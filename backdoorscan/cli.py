@@ -6,6 +6,7 @@ Exit codes: 0 nothing found, 1 backdoor found, 2 error, 3 nothing scanned, 4 usa
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 from collections.abc import Callable, Iterator
@@ -68,16 +69,22 @@ def _memory_size(text: str | None) -> int | None:
         raise click.BadParameter(str(exc)) from None
 
 
-def _clusters(text: str) -> int | str:
-    if text == "auto":
-        return text
+def _clusters(text: str) -> int | str | tuple[int, ...]:
+    from backdoorscan.scanner.config import parse_clusters
+
     try:
-        k = int(text)
-    except ValueError:
-        raise click.BadParameter("expected an integer >= 2 or 'auto'") from None
-    if k < 2:
-        raise click.BadParameter("expected an integer >= 2 or 'auto'")
-    return k
+        return parse_clusters(str(text))
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+def _writable_output(
+    _ctx: click.Context, _param: click.Parameter, value: Path | None
+) -> Path | None:
+    """Fail before the work, not after it, when the output's folder is missing."""
+    if value is not None and not (value.parent if str(value.parent) else Path(".")).is_dir():
+        raise ScanError(f"output folder does not exist: {value.parent}")
+    return value
 
 
 def model_options(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -132,11 +139,12 @@ def _errors() -> Iterator[None]:
     """Turn the library's errors into one-line messages with exit code 2."""
     from backdoorscan.adapters.base import AdapterError
     from backdoorscan.scanner.data import DataError
+    from backdoorscan.scanner.exre import ExreError
     from backdoorscan.scanner.extract import ExtractionError
 
     try:
         yield
-    except (AdapterError, DataError, ExtractionError) as exc:
+    except (AdapterError, DataError, ExtractionError, ExreError) as exc:
         raise ScanError(str(exc)) from None
     except MemoryError:
         raise ScanError("out of memory; lower --batch-size or scan a subset") from None
@@ -208,10 +216,13 @@ def detect_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option(
             "--clusters",
             "n_clusters",
-            default=str(_D.n_clusters),
+            default=_D.n_clusters
+            if isinstance(_D.n_clusters, (int, str))
+            else ",".join(map(str, _D.n_clusters)),
             show_default=True,
             callback=lambda _c, _p, v: _clusters(v),
-            help="Clusters per class: an integer, or 'auto' (2..5 by silhouette).",
+            help="Values of k for k-means per class, comma-separated (every cluster of every "
+            "k is a candidate), or 'auto' (one k in 2..5 by silhouette).",
         ),
         click.option(
             "--size-threshold",
@@ -228,17 +239,68 @@ def detect_options(fn: Callable[..., Any]) -> Callable[..., Any]:
             help="Gap (pooled std) above which a cluster is apart.",
         ),
         click.option(
+            "--transfer-threshold",
+            type=click.FloatRange(0, 1),
+            default=_D.transfer_threshold,
+            show_default=True,
+            help="Share of a class that the cluster's stamped perturbation must flip to its label.",
+        ),
+        click.option(
             "--rule",
             default=",".join(_D.rule),
             show_default=True,
             help="Analyses that must all agree to flag a class "
-            "(size, separation, silhouette, distance).",
+            "(transfer, size, separation, silhouette, distance).",
         ),
         click.option("--seed", type=int, default=_D.seed, show_default=True, help="Random seed."),
     ]
     for opt in reversed(opts):
         fn = opt(fn)
     return fn
+
+
+def exre_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Options of exclusionary reclassification (ExRe)."""
+    opts = [
+        click.option(
+            "--exre",
+            type=click.Choice(["auto", "full", "probe", "both"]),
+            is_flag=False,
+            flag_value="auto",
+            default=None,
+            help="Exclusionary reclassification of the suspicious clusters: full (retrain the "
+            "model without them), probe (classifier on the activations), both; bare --exre: "
+            "full where the model can be retrained, else probe.",
+        ),
+        click.option(
+            "--exre-threshold",
+            type=click.FloatRange(0, min_open=True),
+            default=1.0,
+            show_default=True,
+            help="A cluster is poison when its own-label share over its top other class's "
+            "share falls under this.",
+        ),
+        click.option(
+            "--exre-epochs",
+            type=click.IntRange(1),
+            default=1,
+            show_default=True,
+            help="Epochs of ExRe's retraining from scratch (at least 400 optimizer steps).",
+        ),
+    ]
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
+
+
+def _exre_config(kw: dict[str, Any]) -> Any:
+    """Pop the ExRe options from ``kw``; an ExreConfig, or None when --exre was not given."""
+    from backdoorscan.scanner.exre import ExreConfig
+
+    method, threshold, epochs = kw.pop("exre"), kw.pop("exre_threshold"), kw.pop("exre_epochs")
+    if method is None:
+        return None
+    return ExreConfig(method=method, threshold=threshold, epochs=epochs, seed=kw.get("seed", 0))
 
 
 def output_options(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -256,6 +318,7 @@ def output_options(fn: Callable[..., Any]) -> Callable[..., Any]:
             "-o",
             "--output",
             type=click.Path(dir_okay=False, path_type=Path),
+            callback=_writable_output,
             help="Write the report to this file (atomically) instead of stdout.",
         ),
         click.option("-q", "--quiet", is_flag=True, help="No progress bar, no summary."),
@@ -309,6 +372,7 @@ def cli() -> None:
 )
 @model_options
 @detect_options
+@exre_options
 @output_options
 def scan(
     model: Path,
@@ -342,6 +406,7 @@ def scan(
     """
     from backdoorscan.scanner import scan as run_scan
 
+    exre = _exre_config(detect_kw)
     cfg = _detect_config(**detect_kw)
     kwargs = _adapter_kwargs(arch, arch_kwargs, input_shape)
     with _errors(), _progress(not quiet) as (start, step):
@@ -361,10 +426,164 @@ def scan(
             config=cfg,
             progress=step,
             on_extract_start=start,
+            exre=exre,
             **kwargs,
         )
     _emit(report, fmt, output, quiet)
     sys.exit(report.exit_code)
+
+
+@cli.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option(
+    "--data",
+    "data_path",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Training data: .npz with arrays x and y, or .npy samples with --labels.",
+)
+@click.option("--labels", type=click.Path(path_type=Path), help="Labels .npy, with --data x.npy.")
+@click.option("--x-key", default="x", show_default=True, help="Array name of the samples in .npz.")
+@click.option("--y-key", default="y", show_default=True, help="Array name of the labels in .npz.")
+@click.option("--scale", type=float, help="Multiply samples by this first (e.g. 0.00392 for /255).")
+@click.option("--mean", help="Subtract this (one value, or one per channel, comma-separated).")
+@click.option("--std", help="Then divide by this (one value, or one per channel).")
+@click.option(
+    "--device",
+    type=click.Choice(["auto", "cpu", "cuda"]),
+    default="auto",
+    show_default=True,
+    help="Where ONNX Runtime runs; auto takes CUDA when it loads.",
+)
+@click.option(
+    "--strategy",
+    type=click.Choice(["relabel", "remove"]),
+    default="relabel",
+    show_default=True,
+    help="relabel: flagged samples get their suspected source label; remove: drop them.",
+)
+@click.option(
+    "--epochs",
+    type=click.IntRange(1),
+    default=1,
+    show_default=True,
+    help="Epochs of retraining from the current weights.",
+)
+@click.option("--lr", type=click.FloatRange(0, min_open=True), default=1e-3, show_default=True)
+@click.option("--train-batch-size", type=click.IntRange(1), default=128, show_default=True)
+@click.option(
+    "--test",
+    type=click.Path(path_type=Path),
+    help="Clean test set (.npz x, y): clean accuracy before and after.",
+)
+@click.option(
+    "--trigger-test",
+    type=click.Path(path_type=Path),
+    help="Test samples carrying the trigger, with their TRUE labels (.npz x, y): attack "
+    "success rate before and after.",
+)
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    required=True,
+    callback=_writable_output,
+    help="The repaired model, in its own format (an ONNX copy goes to <stem>.onnx); for a bare "
+    "ONNX model, the cleaned data set (.npz).",
+)
+@click.option(
+    "--data-out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Also write the cleaned data set here (.npz: x, y, changed, removed, original_index).",
+)
+@click.option(
+    "--report",
+    "report_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write the report to this file (atomically).",
+)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_default=True,
+    help="Report format.",
+)
+@click.option("-q", "--quiet", is_flag=True, help="No summary.")
+@model_options
+@detect_options
+@exre_options
+def repair(
+    model: Path,
+    data_path: Path,
+    labels: Path | None,
+    x_key: str,
+    y_key: str,
+    scale: float | None,
+    mean: str | None,
+    std: str | None,
+    device: str,
+    strategy: str,
+    epochs: int,
+    lr: float,
+    train_batch_size: int,
+    test: Path | None,
+    trigger_test: Path | None,
+    output: Path,
+    data_out: Path | None,
+    report_path: Path | None,
+    fmt: str,
+    quiet: bool,
+    arch: str | None,
+    arch_kwargs: str | None,
+    input_shape: str | None,
+    layer: str | None,
+    **detect_kw: Any,
+) -> None:
+    """Scan MODEL, relabel or remove the poison it finds, retrain, save, and scan again.
+
+    \b
+    Exit codes: 0 the rescan finds no backdoor (or a bare ONNX model's cleaned data set was
+    written), 1 a backdoor is still found, 2 error, 3 nothing scanned.
+    Examples:
+      backdoorscan repair weights.pt --arch mypkg:Net --input-shape 1,28,28 --data train.npz \\
+        --epochs 3 --test clean_test.npz --trigger-test triggered_test.npz -o repaired.pt
+      backdoorscan repair model.onnx --data train.npz -o cleaned.npz
+    """
+    from backdoorscan.scanner.repair import exit_code
+    from backdoorscan.scanner.repair import repair as run_repair
+
+    exre = _exre_config(detect_kw)
+    cfg = _detect_config(**detect_kw)
+    kwargs = _adapter_kwargs(arch, arch_kwargs, input_shape)
+    with _errors():
+        report = run_repair(
+            model,
+            data=data_path,
+            labels=labels,
+            x_key=x_key,
+            y_key=y_key,
+            output=output,
+            strategy=strategy,
+            epochs=epochs,
+            lr=lr,
+            batch_size=train_batch_size,
+            seed=cfg.seed,
+            exre=exre,
+            test=test,
+            trigger_test=trigger_test,
+            data_output=data_out,
+            layer=layer,
+            device=device,
+            scale=scale,
+            mean=_floats(mean),
+            std=_floats(std),
+            config=cfg,
+            **kwargs,
+        )
+    _emit(report, fmt, report_path, quiet)
+    sys.exit(exit_code(report))
 
 
 @cli.command()
@@ -441,6 +660,7 @@ def layers(
     "--output",
     type=click.Path(dir_okay=False, path_type=Path),
     required=True,
+    callback=_writable_output,
     help="Where to write the ONNX file (atomically).",
 )
 @model_options
@@ -509,6 +729,15 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(EXIT_ERROR)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
+    except Exception as exc:  # a bug, not a finding: never let it exit 1 ("backdoor found")
+        if os.environ.get("BACKDOORSCAN_DEBUG"):
+            raise
+        click.echo(
+            f"error: internal error ({type(exc).__name__}: {exc}); rerun with "
+            "BACKDOORSCAN_DEBUG=1 for the traceback and please report it",
+            err=True,
+        )
+        sys.exit(EXIT_ERROR)
     sys.exit(rv if isinstance(rv, int) else 0)
 
 

@@ -12,9 +12,11 @@ import numpy as np
 
 from backdoorscan import adapters
 from backdoorscan.adapters.base import Adapter, OnnxExport
+from backdoorscan.scanner.budget import MemoryBudgetError, check_memory, machine_memory
 from backdoorscan.scanner.config import DetectConfig
 from backdoorscan.scanner.data import DataError, Dataset, conform, from_arrays, load_data
 from backdoorscan.scanner.detect import detect
+from backdoorscan.scanner.exre import ExreConfig, ExreError, run_exre
 from backdoorscan.scanner.extract import Activations, ExtractionError, extract, make_session
 from backdoorscan.scanner.report import Report
 from backdoorscan.scanner.transfer import TransferProbe
@@ -23,7 +25,10 @@ __all__ = [
     "DataError",
     "Dataset",
     "DetectConfig",
+    "ExreConfig",
+    "ExreError",
     "ExtractionError",
+    "MemoryBudgetError",
     "Report",
     "detect",
     "prepare",
@@ -50,6 +55,8 @@ def prepare(
     """Load a model (path or object) through its adapter and export it with a features output."""
     if isinstance(model, (str, Path)):
         adapter = adapters.load(model, **model_options)
+    elif isinstance(model, Adapter):  # already loaded (repair rescans its retrained adapter)
+        adapter = model
     else:
         adapter = adapters.from_object(model, **model_options)
     return adapter, adapter.to_onnx(layer)
@@ -73,19 +80,26 @@ def scan(
     config: DetectConfig | None = None,
     progress: Callable[[int], None] | None = None,
     on_extract_start: Callable[[int], None] | None = None,
+    max_memory: int | None = None,
+    exre: str | ExreConfig | None = None,
     **model_options: Any,
 ) -> Report:
     """Scan a model and its training data for backdoor poisoning; return the report.
 
     ``model`` is a path (ONNX, PyTorch, Keras) or an in-memory model; the data comes as arrays
-    ``x``, ``y`` or as a file (``data``, optionally ``labels``).
+    ``x``, ``y`` or as a file (``data``, optionally ``labels``). ``max_memory`` (bytes; default:
+    the machine's memory) bounds the scan's arrays: a scan estimated to need more is refused
+    before extraction (:class:`~backdoorscan.scanner.budget.MemoryBudgetError`).
+    ``exre`` (``auto``, ``full``, ``probe``, ``both`` or an :class:`ExreConfig`) adds
+    exclusionary reclassification of the suspicious clusters (see ``scanner/exre.py``).
     """
     timings: dict[str, float] = {}
     t = time.perf_counter()
     if isinstance(data, Dataset):
         ds = data
     elif data is not None:
-        ds = load_data(data, labels, x_key=x_key, y_key=y_key)
+        limit = max_memory if max_memory is not None else machine_memory()
+        ds = load_data(data, labels, x_key=x_key, y_key=y_key, max_bytes=limit)
     elif x is not None and y is not None:
         ds = from_arrays(x, y)
     else:
@@ -105,10 +119,12 @@ def scan(
         mean=mean,
         std=std,
     )
+    cfg = config or DetectConfig()
+    # Refused here, before the runtime allocates anything for a model that would not fit.
+    check_memory(export, ds, batch_size=batch_size, config=cfg, max_memory=max_memory)
     t = time.perf_counter()
     if on_extract_start is not None:
         on_extract_start(len(ds))
-    cfg = config or DetectConfig()
     session = make_session(export, device)
     acts: Activations = extract(
         export, ds, batch_size=batch_size, progress=progress, session=session, seed=cfg.seed
@@ -141,4 +157,15 @@ def scan(
     agree = float((acts.predictions == ds.y).mean())
     report.data["model_agreement"] = round(agree, 6)
     report.notes.extend(export.notes + ds.notes)
+    if exre is not None:
+        ecfg = exre if isinstance(exre, ExreConfig) else ExreConfig(method=exre, seed=cfg.seed)
+        run_exre(
+            report,
+            ecfg,
+            labels=ds.y,
+            features=acts.features,
+            adapter=adapter,
+            data=ds,
+            num_classes=acts.num_classes,
+        )
     return report
