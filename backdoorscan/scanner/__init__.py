@@ -157,6 +157,12 @@ def scan(
     agree = float((acts.predictions == ds.y).mean())
     report.data["model_agreement"] = round(agree, 6)
     report.notes.extend(export.notes + ds.notes)
+    if agree < 0.5:
+        report.notes.append(
+            f"the model predicts only {agree:.0%} of its training labels: is this the data it "
+            "was trained on? Clusters and verdicts on a model that did not learn its data mean "
+            "little"
+        )
     if exre is not None:
         ecfg = exre if isinstance(exre, ExreConfig) else ExreConfig(method=exre, seed=cfg.seed)
         run_exre(
