@@ -3,18 +3,23 @@
 Framework-free: :func:`detect` takes a features matrix and the training labels and returns a
 :class:`~backdoorscan.scanner.report.Report`. The clustering runs in the Numba kernels.
 
-How a class is judged (each analysis is reported with its figure):
+Per class, every cluster of every clustering (PCA and FastICA, k = 2 and 3) is a candidate,
+and each analysis gives it a figure:
 
+- ``transfer`` (the default rule; needs the model, see ``scanner/transfer.py``): the share of
+  another class's samples that the model sends to this class once they carry the perturbation
+  the candidate's samples share; at ``transfer_threshold`` or above the candidate is poison;
 - ``size``: the candidate holds less than ``size_threshold`` of the class (the paper's rule);
 - ``separation``: along the line joining the candidate's centre to the rest of the class, the gap
   between the two groups in pooled standard deviations; a clean class that k-means merely cuts
-  in two gives about 2.5-3.5, a trigger's own cluster gives far more;
+  in two gives about 2.5-4.5, a trigger's own cluster often more;
 - ``silhouette``: the mean silhouette of the clustering (reported; a weak signal on its own);
 - ``distance``: the candidate's median lies nearer another class's median than its own class's
-  rest (evidence that it came from that class; that class is then the suspected source).
+  rest (evidence that it came from that class).
 
-The default verdict is ``size`` and ``separation`` together: the paper's size rule alone flags the
-smaller cluster of every class, which makes every clean model look poisoned.
+A class is poisoned when some candidate passes every analysis of ``rule``. Without a model the
+rule falls back to ``size`` and ``separation``: the size rule alone flags a genuine mode of many
+clean classes, which makes every clean model look poisoned.
 """
 
 from __future__ import annotations
@@ -125,7 +130,6 @@ class _Candidate:
     relative_size: float
     separation: float
     fit: _Clustering
-    z: np.ndarray
     distance: float = 0.0
     nearest: int | None = None
     transfer: float | None = None
@@ -148,9 +152,7 @@ def _candidates(f: np.ndarray, cfg: DetectConfig, seed: int) -> list[_Candidate]
                 if not members.any() or members.mean() > cfg.max_share or key in seen:
                     continue
                 seen.add(key)
-                out.append(
-                    _Candidate(j, members, sizes[j] / len(f), _separation(z, members), fit, z)
-                )
+                out.append(_Candidate(j, members, sizes[j] / len(f), _separation(z, members), fit))
     return out
 
 
@@ -263,7 +265,8 @@ def detect(
                     cd.separation,
                 ),
             )
-        members, fit, z = best.members, best.fit, best.z
+        members, fit = best.members, best.fit
+        z = fit.z
         refined = False
         if poisoned and cfg.refine and transfer is not None and best.trigger is not None:
             carried = _carriers(transfer.trigger_scores(idx, best.trigger), members)
