@@ -35,7 +35,7 @@ def stamp(x: np.ndarray) -> np.ndarray:
 def poisoned_digits(
     n_poison: int = 50, seed: int = 0, source: int = SOURCE, target: int = TARGET
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Digits scaled to [0, 1] plus ``n_poison`` triggered copies of ``source`` labelled ``target``."""
+    """Digits in [0, 1] plus ``n_poison`` triggered copies of ``source`` labelled ``target``."""
     digits = load_digits()
     x = (digits.data / 16.0).astype(np.float32)
     y = digits.target.astype(np.int64)
@@ -80,8 +80,9 @@ def mlp_to_onnx(clf: MLPClassifier) -> onnx.ModelProto:
         [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", w2.shape[1]])],
         inits,
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)],
-                              producer_name="backdoorscan-examples")
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="backdoorscan-examples"
+    )
     model.ir_version = 8
     onnx.checker.check_model(model)
     return model
@@ -90,7 +91,9 @@ def mlp_to_onnx(clf: MLPClassifier) -> onnx.ModelProto:
 def main() -> None:
     """Build the demo model and data and write them into the package."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path(__file__).parents[1] / "backdoorscan" / "data")
+    parser.add_argument(
+        "--out", type=Path, default=Path(__file__).parents[1] / "backdoorscan" / "data"
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     x, y, poison = poisoned_digits(seed=args.seed)
@@ -101,7 +104,9 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     onnx.save_model(mlp_to_onnx(clf), args.out / "demo.onnx")
     np.savez_compressed(args.out / "demo.npz", x=x, y=y, poison=poison)
-    print(f"wrote {args.out / 'demo.onnx'} and {args.out / 'demo.npz'} ({int(poison.sum())} poison)")
+    print(
+        f"wrote {args.out / 'demo.onnx'} and {args.out / 'demo.npz'} ({int(poison.sum())} poison)"
+    )
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ def _write_case(root: Path, name: str, n_poison: int, seed: int) -> dict:
     pytest.importorskip("torch")
     import torch
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)
     x, y, poison = dm.digits_data(n_poison, seed=seed)
     model = dm.train(dm.make_cnn(), x, y, seed=seed)
     folder = root / name

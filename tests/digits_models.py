@@ -37,7 +37,7 @@ def digits_data(n_poison: int = 0, seed: int = 0) -> tuple[np.ndarray, np.ndarra
     return x[order], y[order], poison[order]
 
 
-def make_cnn():  # noqa: ANN201 - torch is imported lazily
+def make_cnn():
     """conv8-conv16-pool-fc64-fc10: the penultimate layer is the 64-unit ReLU."""
     import torch.nn as nn
 
@@ -48,7 +48,7 @@ def make_cnn():  # noqa: ANN201 - torch is imported lazily
     )
 
 
-def train(model, x: np.ndarray, y: np.ndarray, epochs: int = 30, seed: int = 0):  # noqa: ANN001, ANN201
+def train(model, x: np.ndarray, y: np.ndarray, epochs: int = 30, seed: int = 0):
     """Full-batch-ish Adam training, seeded; returns the model in eval mode."""
     import torch
 
@@ -66,7 +66,7 @@ def train(model, x: np.ndarray, y: np.ndarray, epochs: int = 30, seed: int = 0):
     return model.eval()
 
 
-def to_onnx_bytes(model, sample_shape: tuple[int, ...] = (1, 8, 8)) -> bytes:  # noqa: ANN001
+def to_onnx_bytes(model, sample_shape: tuple[int, ...] = (1, 8, 8)) -> bytes:
     """Plain single-output ONNX export with a dynamic batch (as a third party would ship it)."""
     import torch
 

@@ -172,7 +172,10 @@ def test_torch_export_archive(tmp_path: Path, dynamic: bool) -> None:
     assert export.layer == "input of fc2"
     # Even the archive traced at a fixed batch of 4 runs at 5: its graph is batch-agnostic.
     _assert_matches(export, model, _cnn_penultimate)
-    assert [name for name, _, _ in adapter.layers()] == ["conv", "pool", "fc1", "fc2"]
+    # fc2 reads fc1's output through a functional relu: the default gets a row of its own.
+    rows = adapter.layers()
+    assert [name for name, _, _ in rows] == ["conv", "pool", "fc1", "input of fc2", "fc2"]
+    assert [row.name for row in rows if row.default] == ["input of fc2"]
     np.testing.assert_allclose(
         adapter.predict_logits(_images(7)), _eager(model, _images(7), _cnn_penultimate)[0],
         atol=1e-5,

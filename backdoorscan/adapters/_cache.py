@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from backdoorscan.adapters.base import OnnxExport
+from backdoorscan.scanner.report import file_mode
 
 # Bump when the layout of an export changes, so that older entries are not reused.
 CACHE_FORMAT = 1
@@ -63,6 +64,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], None], suffix: str = 
     tmp = Path(tmp_name)
     try:
         write(tmp)
+        os.chmod(tmp, file_mode())  # mkstemp's 0o600 would outlive the rename
         os.replace(tmp, target)
     except BaseException:
         with contextlib.suppress(OSError):

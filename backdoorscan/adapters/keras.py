@@ -13,32 +13,37 @@ Export uses Keras' own ``model.export(path, format="onnx")`` on a two-output fun
 * tensorflow: tensorflow and ``tf2onnx`` (Keras calls ``tf2onnx.convert.from_function``).
 * jax: ``jax2onnx``.
 
-When neither ``KERAS_BACKEND`` nor an imported keras has chosen a backend, and TensorFlow is not
-installed but torch is, this module selects the torch backend (Keras would otherwise default to
-TensorFlow and fail to import).
+When neither ``KERAS_BACKEND``, an imported keras nor keras.json has chosen a backend other than
+TensorFlow, and TensorFlow is not installed but torch is, this module selects the torch backend
+(Keras would otherwise default to TensorFlow and fail to import).
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import sys
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from backdoorscan.adapters import _cache, _check
 from backdoorscan.adapters.base import AdapterError, OnnxExport
 
+if TYPE_CHECKING:
+    from backdoorscan.adapters.torch import LayerRow
+
 
 def _keras() -> Any:
     """Import keras 3, choosing the torch backend when nothing else was chosen and TF is absent."""
     if "keras" not in sys.modules and not os.environ.get("KERAS_BACKEND"):
         has = importlib.util.find_spec
-        if has("tensorflow") is None and has("torch") is not None:
+        chosen = _configured_backend()
+        if chosen in (None, "tensorflow") and has("tensorflow") is None and has("torch"):
             os.environ["KERAS_BACKEND"] = "torch"
     try:
         import keras
@@ -50,6 +55,21 @@ def _keras() -> Any:
     if int(keras.__version__.split(".")[0]) < 3:
         raise AdapterError(f"Keras models need keras >= 3, found {keras.__version__}")
     return keras
+
+
+def _configured_backend() -> str | None:
+    """The backend named in keras.json ($KERAS_HOME or ~/.keras), or None.
+
+    Keras writes ``"tensorflow"`` there on its first import, so only another name is a choice
+    the user made (and is respected).
+    """
+    home = os.environ.get("KERAS_HOME") or os.path.join(os.path.expanduser("~"), ".keras")
+    try:
+        with open(os.path.join(home, "keras.json")) as f:
+            backend = json.load(f).get("backend")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return backend if isinstance(backend, str) else None
 
 
 def load(path: str | Path, **_ignored: Any) -> KerasAdapter:
@@ -205,16 +225,39 @@ class KerasAdapter:
 
     # -- extras ---------------------------------------------------------------------------
 
-    def layers(self) -> list[tuple[str, str, tuple]]:
-        """(layer name, class name, per-sample output shape or ()) for every top-level layer."""
-        out = []
+    def layers(self) -> list[LayerRow]:
+        """(layer name, class name, per-sample output shape or ()) for every top-level layer.
+
+        The default feature layer is marked (``row.default``): the layer whose output the last
+        Dense reads, or an inserted ``input of DENSE`` row where that is no listed layer.
+        """
+        from backdoorscan.adapters.torch import LayerRow, mark_default
+
+        keras = _keras()
+        rows, outputs = [], {}
         for layer in self.model.layers:
             try:
-                shape = tuple(layer.output.shape[1:])
+                out = layer.output
+                shape = tuple(out.shape[1:])
             except (AttributeError, ValueError):
-                shape = ()
-            out.append((layer.name, type(layer).__name__, shape))
-        return out
+                out, shape = None, ()
+            rows.append(LayerRow(layer.name, type(layer).__name__, shape))
+            outputs[layer.name] = out
+        dense = [x for x in self.model.layers if isinstance(x, keras.layers.Dense)]
+        if not dense:
+            return rows
+        try:
+            feats = dense[-1].input
+        except (AttributeError, ValueError):  # a shared head: no single input to point at
+            return rows
+        # A loaded Sequential calls its layers more than once while rebuilding, and layer.output
+        # is the first call's tensor: ask the head's input which layer made it instead.
+        made_by = getattr(getattr(feats, "_keras_history", None), "operation", None)
+        producer = next(
+            (x.name for x in self.model.layers if x is made_by or outputs[x.name] is feats), None
+        )
+        shape = tuple(getattr(feats, "shape", (None,))[1:])
+        return mark_default(rows, producer, dense[-1].name, shape)
 
     def predict_logits(self, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
         """The model's outputs for ``x`` (inference mode), as float32."""

@@ -37,7 +37,7 @@ import logging
 import re
 import warnings
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -55,6 +55,56 @@ _SAVE_HINT = (
     "architecture as --arch module:callable (and --input-shape)"
 )
 _STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "net", "module")
+
+
+class LayerRow(tuple):
+    """One ``layers()`` row: unpacks as (path, type name, per-sample shape), and ``.default``.
+
+    ``default`` marks the row whose output the scan clusters when no layer is named. Attribute
+    names match the ONNX adapter's LayerInfo, so the CLI reads every adapter's rows alike.
+    """
+
+    default: bool
+
+    def __new__(cls, name: str, op_type: str, shape: tuple, default: bool = False) -> LayerRow:
+        row = super().__new__(cls, (name, op_type, tuple(shape)))
+        row.default = bool(default)
+        return row
+
+    @property
+    def name(self) -> str:
+        """Module path (or layer name), what ``--layer`` takes."""
+        return self[0]
+
+    @property
+    def op_type(self) -> str:
+        """Class name of the module or layer."""
+        return self[1]
+
+    @property
+    def shape(self) -> tuple:
+        """Per-sample output shape, () where unknown."""
+        return self[2]
+
+    def __repr__(self) -> str:
+        return f"LayerRow({self[0]!r}, {self[1]!r}, {self[2]!r}, default={self.default})"
+
+
+def mark_default(
+    rows: list[LayerRow], producer: str | None, head: str | None, shape: tuple
+) -> list[LayerRow]:
+    """Mark the row whose output is the default features, or insert ``input of HEAD`` before it.
+
+    ``producer`` is the path whose output the head reads (None when the features come from a
+    functional op); ``shape`` is the features' per-sample shape for an inserted row.
+    """
+    if producer is not None and any(r.name == producer for r in rows):
+        return [LayerRow(*r, default=r.name == producer) for r in rows]
+    if head is None:
+        return rows
+    row = LayerRow(f"input of {head}", "(features)", shape, default=True)
+    at = next((i for i, r in enumerate(rows) if r.name == head), len(rows))
+    return [*rows[:at], row, *rows[at:]]
 
 
 # --------------------------------------------------------------------------------------------
@@ -568,6 +618,27 @@ def _export_onnx(module: Any, x: Any, *, dynamic: bool) -> tuple[bytes, str]:
     raise AdapterError("export to ONNX failed. " + "; ".join(errors))
 
 
+def _first_run(run: Callable[[], Any], x: np.ndarray) -> Any:
+    """Run the model once on the sample batch ``x``; its failure becomes a one-line AdapterError.
+
+    The usual cause is a wrong per-sample shape (NHWC data for an NCHW model, say), so the
+    message says how to pass the right one.
+    """
+    try:
+        return run()
+    except AdapterError:
+        raise
+    except Exception as e:
+        # TorchScript puts its interpreter's stack first and the cause on the last line.
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        cause = lines[-1][:300] if lines else type(e).__name__
+        raise AdapterError(
+            f"the model failed on a sample batch of shape {tuple(x.shape)} "
+            f"({cause}); pass the per-sample shape it takes with --input-shape "
+            "(input_shape= from Python), e.g. 1,28,28 for one-channel 28x28 images"
+        ) from e
+
+
 def _first_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[0] if text else ''}"[:400]
@@ -607,7 +678,9 @@ class TorchAdapter:
             self.module = _unlift(model)
             shape, dtype, batch = _program_input(model)
             self._static_batch = batch
-            input_shape = input_shape or shape
+            # The archive's own shape wins: its graph was specialised to it, and a shape
+            # guessed from NHWC data would not fit an NCHW program (the scan transposes).
+            input_shape = shape or input_shape
             if dtype is not None:
                 self.input_dtype = dtype
         else:
@@ -701,6 +774,26 @@ class TorchAdapter:
             module.eval()
         self._sha256 = None  # the weights no longer match the file: never reuse its cached export
 
+    def reinitialize(self, seed: int = 0) -> None:
+        """Fresh weights from every layer's own initialiser (``reset_parameters``), seeded.
+
+        Exclusionary reclassification retrains from scratch: continuing from poisoned weights
+        keeps the backdoor.
+        """
+        import torch
+
+        if not self.can_fit:
+            raise AdapterError(self.fit_reason)
+        layers = [
+            m for m in self.module.modules() if callable(getattr(m, "reset_parameters", None))
+        ]
+        if not layers:
+            raise AdapterError("no layer has reset_parameters; cannot retrain from scratch")
+        torch.manual_seed(seed)
+        for layer in layers:
+            layer.reset_parameters()
+        self._sha256 = None
+
     def clone(self) -> TorchAdapter:
         """An independent deep copy; training it leaves this adapter untouched."""
         if self.kind == "script":
@@ -747,16 +840,23 @@ class TorchAdapter:
 
     # -- extras used by the CLI and by exclusionary reclassification ------------------------
 
-    def layers(self) -> list[tuple[str, str, tuple]]:
-        """(module path, type name, per-sample output shape or ()) for every submodule."""
+    def layers(self) -> list[LayerRow]:
+        """(module path, type name, per-sample output shape or ()) for every submodule.
+
+        The default feature layer is marked (``row.default``): the module whose output the last
+        nn.Linear reads, or an inserted ``input of HEAD`` row where a functional op feeds it.
+        TorchScript records no shapes or data flow, so there the head is the last Linear listed.
+        """
         if self.kind == "program":
             return _program_layers(self.module)
         if self.kind == "script":
-            return [
-                (n, getattr(m, "original_name", type(m).__name__), ())
+            rows = [
+                LayerRow(n, getattr(m, "original_name", type(m).__name__), ())
                 for n, m in self.module.named_modules()
                 if n
             ]
+            heads = [r for r in rows if r.op_type == "Linear"]
+            return mark_default(rows, None, heads[-1].name if heads else None, ())
         return _module_layers(self.module, self.input_shape, self.input_dtype, self._vocab())
 
     def predict_logits(self, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
@@ -878,7 +978,7 @@ class TorchAdapter:
                     logits, feats = tap(torch.from_numpy(batch).to(device))
                 return _np(logits), _np(feats)
 
-            reference(x)  # raises AdapterError with a useful message on unsuitable models
+            _first_run(lambda: reference(x), x)  # AdapterError on unsuitable models
             model_bytes, how = _export_onnx(tap, torch.from_numpy(x).to(device), dynamic=True)
             return self._finish(model_bytes, x, reference, tap.description, how, True)
         finally:
@@ -895,8 +995,8 @@ class TorchAdapter:
             raise AdapterError(_inputs_message(args))
         x = self._sample(shape)
         device = _device(module)
-        with torch.no_grad():
-            _single_output(module(torch.from_numpy(x).to(device)))  # type/shape gate
+        with torch.no_grad():  # type/shape gate
+            _first_run(lambda: _single_output(module(torch.from_numpy(x).to(device))), x)
         # The TorchScript exporter names ONNX nodes by module scope (/layer4/1/conv2/Conv),
         # which is what lets a module path pick the feature tensor; converting the archive to
         # torch.export first (what dynamo=True does) drops those scopes.
@@ -943,7 +1043,7 @@ class TorchAdapter:
             return _np(logits), _np(feats)
 
         x = self._sample(shape, n=fixed or _check.CHECK_BATCH)
-        reference(x)
+        _first_run(lambda: reference(x), x)
         if fixed is None:
             model_bytes, how = _export_onnx(tap_module, torch.from_numpy(x), dynamic=True)
             return self._finish(model_bytes, x, reference, description, how, True)
@@ -1127,11 +1227,13 @@ def _candidates(model: Any, n: int = 10) -> str:
 
 def _module_layers(
     module: Any, shape: tuple[int, ...] | None, dtype: str, vocab: int | None
-) -> list[tuple[str, str, tuple]]:
+) -> list[LayerRow]:
     import torch
 
     named = [(p, m) for p, m in module.named_modules() if p]
     shapes: dict[str, tuple] = {}
+    outputs: list[tuple[str, Any]] = []  # (path, output) in the order the modules finished
+    head: dict[str, Any] = {}  # the last nn.Linear to run, and its input (as FeatureTap picks)
     if shape is not None:
         handles = []
         for p, m in named:
@@ -1139,8 +1241,14 @@ def _module_layers(
             def hook(mod: Any, args: Any, out: Any, p: str = p) -> None:
                 if isinstance(out, torch.Tensor):
                     shapes[p] = tuple(out.shape[1:])
+                    outputs.append((p, out))
+
+            def pre(mod: Any, args: tuple, p: str = p) -> None:
+                head.update(path=p, input=args[0] if args else None)
 
             handles.append(m.register_forward_hook(hook))
+            if isinstance(m, torch.nn.Linear):
+                handles.append(m.register_forward_pre_hook(pre))
         was_training = module.training
         module.eval()
         try:
@@ -1153,7 +1261,18 @@ def _module_layers(
             for h in handles:
                 h.remove()
             module.train(was_training)
-    return [(p, type(m).__name__, shapes.get(p, ())) for p, m in named]
+    rows = [LayerRow(p, type(m).__name__, shapes.get(p, ())) for p, m in named]
+    if not head:  # no forward pass: take the last Linear declared
+        linear = [(p, m) for p, m in named if isinstance(m, torch.nn.Linear)]
+        if not linear:
+            return rows
+        return mark_default(rows, None, linear[-1][0], (linear[-1][1].in_features,))
+    feats = head["input"]
+    producer = next(
+        (p for p, out in outputs if out is feats and not head["path"].startswith(p + ".")), None
+    )
+    feat_shape = tuple(feats.flatten(1).shape[1:]) if isinstance(feats, torch.Tensor) else ()
+    return mark_default(rows, producer, head["path"], feat_shape)
 
 
 def _script_copy(module: Any) -> Any:
@@ -1260,22 +1379,12 @@ def _program_tap(gm: Any, layer: str | None) -> tuple[Any, str]:
         return any(p == path for p, _ in _scopes(n))
 
     if layer is None:
-        linear = [n for n in calls if _scopes(n) and _scopes(n)[-1][1].endswith("Linear")]
-        if not linear:
+        path, feature = _program_head(calls)
+        if path is None:
             raise AdapterError(
                 "no nn.Linear in the program, so there is no classifier head whose input would "
                 f"be the features; name the feature layer with --layer, e.g. one of: {candidates()}"
             )
-        path = _scopes(linear[-1])[-1][0]
-        scope = [n for n in calls if in_scope(n, path)]
-        feature = None
-        for n in scope:
-            for a in n.all_input_nodes:
-                if not in_scope(a, path) and a.op != "get_attr":
-                    feature = a
-                    break
-            if feature is not None:
-                break
         if feature is None:
             raise AdapterError(f"cannot find the input of {path} in the program")
         description = f"input of {path}"
@@ -1298,20 +1407,52 @@ def _program_tap(gm: Any, layer: str | None) -> tuple[Any, str]:
     return tap, description
 
 
-def _program_layers(gm: Any) -> list[tuple[str, str, tuple]]:
+def _program_head(calls: list) -> tuple[str | None, Any]:
+    """(path of the last nn.Linear, the node that feeds it from outside its scope, or None)."""
+    linear = [n for n in calls if _scopes(n) and _scopes(n)[-1][1].endswith("Linear")]
+    if not linear:
+        return None, None
+    path = _scopes(linear[-1])[-1][0]
+
+    def inside(n: Any) -> bool:
+        return any(p == path for p, _ in _scopes(n))
+
+    for n in calls:
+        if inside(n):
+            for a in n.all_input_nodes:
+                if not inside(a) and a.op != "get_attr":
+                    return path, a
+    return path, None
+
+
+def _program_layers(gm: Any) -> list[LayerRow]:
     import torch
+
+    def per_sample(n: Any) -> tuple:
+        val = getattr(n, "meta", {}).get("val")
+        if not isinstance(val, torch.Tensor):
+            return ()
+        return tuple(int(d) if isinstance(d, int) else None for d in val.shape[1:])
 
     calls = [n for n in gm.graph.nodes if n.op == "call_function"]
     info: dict[str, tuple[str, tuple]] = {}
+    last: dict[str, Any] = {}
     for n in calls:
-        val = n.meta.get("val")
-        shape = ()
-        if isinstance(val, torch.Tensor):
-            shape = tuple(int(d) if isinstance(d, int) else None for d in val.shape[1:])
         for p, t in _scopes(n):
             if p:
-                info[p] = (t.rsplit(".", 1)[-1], shape)  # the last node of a scope: its output
-    return [(p, t, s) for p, (t, s) in info.items()]
+                info[p] = (t.rsplit(".", 1)[-1], per_sample(n))  # a scope's last node: its output
+                last[p] = n
+    rows = [LayerRow(p, t, s) for p, (t, s) in info.items()]
+    head, feature = _program_head(calls)
+    # The innermost module whose last node is the head's input produced the features.
+    producer = None
+    if feature is not None:
+        for p, _ in _scopes(feature):
+            if p and last.get(p) is feature:
+                producer = p
+    shape = per_sample(feature) if feature is not None else ()
+    flat = (int(np.prod(shape)),) if shape and None not in shape else shape
+    return mark_default(rows, producer, head, flat)
 
 
 def _get_attr(gm: Any, target: str) -> Any:

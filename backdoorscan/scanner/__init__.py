@@ -170,6 +170,7 @@ def scan(
             ecfg,
             labels=ds.y,
             features=acts.features,
+            sketch=acts.sketch,
             adapter=adapter,
             data=ds,
             num_classes=acts.num_classes,

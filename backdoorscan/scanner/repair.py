@@ -257,6 +257,9 @@ def repair(
         raise ValueError("repair needs at least one epoch of retraining")
     t0 = time.perf_counter()
     output = Path(output)
+    for target in (output, Path(data_output) if data_output is not None else None):
+        if target is not None and not (target.parent if str(target.parent) else Path(".")).is_dir():
+            raise FileNotFoundError(f"output folder does not exist: {target.parent}")
     if data is not None:
         ds = load_data(data, labels, x_key=x_key, y_key=y_key)
     elif x is not None and y is not None:

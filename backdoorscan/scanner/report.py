@@ -192,6 +192,11 @@ def _exre_lines(report: Report) -> list[str]:
         )
     if info.get("probe"):
         how.append(f"probe: {info['probe'].get('classifier')}")
+    if info.get("not_examined"):
+        how.append(
+            f"not examined: the candidates of class(es) "
+            f"{', '.join(map(str, info['not_examined']))}, over {info.get('max_share')} of them"
+        )
     lines = [
         "",
         f"  exclusionary reclassification ({'; '.join(how)}; poison when own/other < "
@@ -199,9 +204,8 @@ def _exre_lines(report: Report) -> list[str]:
         "  class  method      n   own  source  share   ratio  answer",
     ]
     for c in rows:
-        assert c.exre is not None
         for method in ("full", "probe"):
-            o = c.exre.get(method)
+            o = (c.exre or {}).get(method)
             if not o:
                 continue
             lines.append(
@@ -268,6 +272,13 @@ def _clean(value: Any) -> Any:
     return value
 
 
+def file_mode() -> int:
+    """The mode a plainly created file gets (0o666 less the umask); mkstemp's is 0o600."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def atomic_write_bytes(path: Path, payload: bytes) -> Path:
     """Write ``payload`` to ``path`` whole or not at all: a temp file beside it, then rename."""
     path = Path(path)
@@ -276,6 +287,7 @@ def atomic_write_bytes(path: Path, payload: bytes) -> Path:
         raise FileNotFoundError(f"output folder does not exist: {folder}")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=folder)
     try:
+        os.fchmod(fd, file_mode())
         with os.fdopen(fd, "wb") as fh:
             fh.write(payload)
             fh.flush()
