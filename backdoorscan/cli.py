@@ -87,6 +87,45 @@ def _writable_output(
     return value
 
 
+def data_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Where the training data comes from, how it is read and where the model runs."""
+    opts = [
+        click.option(
+            "--data",
+            "data_path",
+            required=True,
+            type=click.Path(path_type=Path),
+            help="Training data: .npz with arrays x and y, or .npy samples with --labels.",
+        ),
+        click.option(
+            "--labels", type=click.Path(path_type=Path), help="Labels .npy, with --data x.npy."
+        ),
+        click.option(
+            "--x-key", default="x", show_default=True, help="Array name of the samples in .npz."
+        ),
+        click.option(
+            "--y-key", default="y", show_default=True, help="Array name of the labels in .npz."
+        ),
+        click.option(
+            "--scale", type=float, help="Multiply samples by this first (e.g. 0.00392 for /255)."
+        ),
+        click.option(
+            "--mean", help="Subtract this (one value, or one per channel, comma-separated)."
+        ),
+        click.option("--std", help="Then divide by this (one value, or one per channel)."),
+        click.option(
+            "--device",
+            type=click.Choice(["auto", "cpu", "cuda"]),
+            default="auto",
+            show_default=True,
+            help="Where ONNX Runtime runs; auto takes CUDA when it loads.",
+        ),
+    ]
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
+
+
 def model_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Options that tell a framework adapter how to load a model file."""
     opts = [
@@ -342,26 +381,7 @@ def cli() -> None:
 
 @cli.command()
 @click.argument("model", type=click.Path(path_type=Path))
-@click.option(
-    "--data",
-    "data_path",
-    required=True,
-    type=click.Path(path_type=Path),
-    help="Training data: .npz with arrays x and y, or .npy samples with --labels.",
-)
-@click.option("--labels", type=click.Path(path_type=Path), help="Labels .npy, with --data x.npy.")
-@click.option("--x-key", default="x", show_default=True, help="Array name of the samples in .npz.")
-@click.option("--y-key", default="y", show_default=True, help="Array name of the labels in .npz.")
-@click.option("--scale", type=float, help="Multiply samples by this first (e.g. 0.00392 for /255).")
-@click.option("--mean", help="Subtract this (one value, or one per channel, comma-separated).")
-@click.option("--std", help="Then divide by this (one value, or one per channel).")
-@click.option(
-    "--device",
-    type=click.Choice(["auto", "cpu", "cuda"]),
-    default="auto",
-    show_default=True,
-    help="Where ONNX Runtime runs; auto takes CUDA when it loads.",
-)
+@data_options
 @click.option("--batch-size", type=click.IntRange(1), default=256, show_default=True)
 @click.option(
     "--max-memory",
@@ -435,26 +455,7 @@ def scan(
 
 @cli.command()
 @click.argument("model", type=click.Path(path_type=Path))
-@click.option(
-    "--data",
-    "data_path",
-    required=True,
-    type=click.Path(path_type=Path),
-    help="Training data: .npz with arrays x and y, or .npy samples with --labels.",
-)
-@click.option("--labels", type=click.Path(path_type=Path), help="Labels .npy, with --data x.npy.")
-@click.option("--x-key", default="x", show_default=True, help="Array name of the samples in .npz.")
-@click.option("--y-key", default="y", show_default=True, help="Array name of the labels in .npz.")
-@click.option("--scale", type=float, help="Multiply samples by this first (e.g. 0.00392 for /255).")
-@click.option("--mean", help="Subtract this (one value, or one per channel, comma-separated).")
-@click.option("--std", help="Then divide by this (one value, or one per channel).")
-@click.option(
-    "--device",
-    type=click.Choice(["auto", "cpu", "cuda"]),
-    default="auto",
-    show_default=True,
-    help="Where ONNX Runtime runs; auto takes CUDA when it loads.",
-)
+@data_options
 @click.option(
     "--strategy",
     type=click.Choice(["relabel", "remove"]),
