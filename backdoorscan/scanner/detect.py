@@ -114,8 +114,10 @@ def _class_medians(
 class TransferTest(Protocol):
     """Asks the model whether a cluster's shared perturbation acts as a trigger."""
 
-    def __call__(self, indices: np.ndarray, label: int, seed: int) -> tuple[float, int | None, Any]:
-        """Transfer rate, suspected source, and the estimated trigger (or None)."""
+    def __call__(
+        self, indices: np.ndarray, label: int, seed: int
+    ) -> tuple[float, int | None, Any, dict[int, float]]:
+        """Transfer rate, suspected source, the estimated trigger (or None), rate per class."""
         ...
 
     def trigger_scores(self, indices: np.ndarray, trigger: Any) -> np.ndarray:
@@ -135,6 +137,7 @@ class _Candidate:
     transfer: float | None = None
     source: int | None = None
     trigger: Any = None
+    rates: dict[int, float] | None = None
 
 
 def _candidates(f: np.ndarray, cfg: DetectConfig, seed: int) -> list[_Candidate]:
@@ -245,7 +248,9 @@ def detect(
             cand.distance, cand.nearest = _distance(f, cand.members, medians, int(c))
             pre = _votes(cand, cfg)
             if transfer is not None and "transfer" in rule and all(pre[a] for a in cheap):
-                cand.transfer, cand.source, cand.trigger = transfer(idx[cand.members], int(c), seed)
+                cand.transfer, cand.source, cand.trigger, cand.rates = transfer(
+                    idx[cand.members], int(c), seed
+                )
         passing = [cd for cd in cands if all(_votes(cd, cfg).get(a, False) for a in rule)]
         poisoned = bool(passing)
         if passing:
@@ -301,6 +306,11 @@ def detect(
                 transfer=best.transfer,
                 votes=votes,
                 n_flagged=int(members.sum()) if poisoned else 0,
+                transfer_sources=sorted(
+                    k for k, v in (best.rates or {}).items() if v >= cfg.transfer_threshold
+                )
+                if poisoned
+                else [],
                 suspected_source=source,
             )
         )

@@ -6,9 +6,10 @@ continues training from the current weights, so that the model unlearns trigger 
 
 - its class's suspected source (from ExRe where it confirmed the class, else from the transfer
   test), when one class dominates the cluster;
-- where ExRe ``full`` ran and no class takes half of the cluster (poison from many sources, as
-  in all-to-one attacks), the label that the model retrained without the cluster gives that
-  very sample;
+- where ExRe ``full`` ran and the poison came from many sources (the transfer test's trigger
+  sends at least half of the other classes to this one, as in all-to-one attacks; without the
+  transfer test, no class takes half of ExRe's answers), the label that the model retrained
+  without the cluster gives that very sample;
 - removal, for samples of a class with no suspected source, and, in the per-sample case, for
   samples that the excluding model still calls by their own label.
 
@@ -61,11 +62,14 @@ def plan_repair(report: Report, labels: np.ndarray, strategy: str = "relabel") -
             row |= {"removed": len(idx), "how": "removed"}
         else:
             full = (c.exre or {}).get("full") or {}
-            spread = (
-                preds is not None
-                and full.get("verdict") == "poison"
-                and float(full.get("source_share") or 0.0) < SINGLE_SOURCE_SHARE
-            )
+            # Many sources: the transfer test's trigger sends most other classes to this one
+            # (an all-to-one attack; a trigger learnt from one source often works on a few
+            # more); without the transfer test, ExRe full's answers are spread.
+            if c.transfer_sources:
+                many = len(c.transfer_sources) >= max(2, (len(report.classes) - 1) / 2)
+            else:
+                many = float(full.get("source_share") or 0.0) < SINGLE_SOURCE_SHARE
+            spread = preds is not None and full.get("verdict") == "poison" and many
             if spread and preds is not None:
                 target = preds[idx]
                 bad = (target < 0) | (target == c.label)

@@ -37,6 +37,7 @@ class ClassResult:
     separation: float | None = None
     distance_ratio: float | None = None
     transfer: float | None = None
+    transfer_sources: list[int] = field(default_factory=list)
     votes: dict[str, bool] = field(default_factory=dict)
     n_flagged: int = 0
     suspected_source: int | None = None

@@ -59,9 +59,10 @@ class TransferProbe:
 
     def __call__(
         self, cluster: np.ndarray, label: int, seed: int
-    ) -> tuple[float, int | None, np.ndarray | None]:
+    ) -> tuple[float, int | None, np.ndarray | None, dict[int, float]]:
         """Transfer rate of the cluster's shared perturbation, the class most sent to the label
-        by it (the suspected source), and the perturbation itself (None if none was found)."""
+        by it (the suspected source), the perturbation itself (None if none was found), and the
+        rate for every class stamped."""
         self.calls += 1
         cfg = self.cfg
         rng = np.random.default_rng(seed)
@@ -73,7 +74,7 @@ class TransferProbe:
         ref = np.flatnonzero(outside)
         targets_pool = np.flatnonzero(outside & (self.labels != label))
         if len(ref) == 0 or len(targets_pool) == 0:
-            return 0.0, None, None
+            return 0.0, None, None, {}
         k = min(cfg.transfer_neighbors, len(ref))
         nn, _ = knn(self.sketch[queries], self.sketch[ref], k)
         nn_idx = ref[nn]  # [q, k] sample indices
@@ -86,14 +87,14 @@ class TransferProbe:
             trigger, lo, hi = self._trigger_perturbation(queries, nn_idx)
             stamped = np.clip(x_t + trigger, lo, hi).astype(x_t.dtype)
         if stamped is None:
-            return 0.0, None, None
+            return 0.0, None, None, {}
         gained = (self.predict(stamped) == label).astype(float) - (
             self.predict(x_t) == label
         ).astype(float)
         t_labels = self.labels[targets]
         rates = {int(s): float(gained[t_labels == s].mean()) for s in np.unique(t_labels)}
         source = max(rates, key=rates.__getitem__)
-        return rates[source], (source if rates[source] > 0 else None), trigger
+        return rates[source], (source if rates[source] > 0 else None), trigger, rates
 
     def trigger_scores(self, indices: np.ndarray, trigger: np.ndarray) -> np.ndarray:
         """How strongly each sample carries ``trigger``: its projection on the perturbation, or
