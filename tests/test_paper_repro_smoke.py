@@ -157,10 +157,17 @@ def test_art_path(digits_root: tuple[Path, dict]) -> None:
     reapplied = dets["art:penultimate:PCA:relative-size:reapplied"]
     for pc in reapplied["per_class"]:
         assert pc["n_flagged"] < 0.35 * pc["n"] + 1
-    assert paper_repro.best_art(dets, clean=False) is not None
+    best = paper_repro.best_art(dets, clean=False)
+    assert best is not None
+    # The alternated timing runs: both sides end to end, and the headline then uses them.
+    case = digits_root[1]["digits_poisoned"]
+    timing = paper_repro.timing_runs(sc, best, 1, model_loader=lambda _f: case["torch_model"])
+    assert len(timing["bds_wall"]) == len(timing["art_cpu"]) == 1 and timing["art_wall"][0] > 0
+    entry = results["scenarios"]["digits_poisoned"] | {"detectors": {**dets}, "timing": timing}
+    entry["detectors"]["bds:default"] = {"time_s": 99.0}
+    assert paper_repro.compared_times(entry, best)[0] == timing["bds_wall"][0]
     assert "ART penultimate/PCA" in paper_repro.render_section(results)
     # Seeded globally, ART's unseeded FastICA/k-means repeat themselves: a second run agrees.
-    case = digits_root[1]["digits_poisoned"]
     again = art_runner.run_art(
         case["torch_model"],
         case["x"],
