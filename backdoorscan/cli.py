@@ -87,6 +87,13 @@ def _writable_output(
     return value
 
 
+def _stack(opts: list[Callable[..., Any]], fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Apply click option decorators so that they list in the order given."""
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
+
+
 def data_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Where the training data comes from, how it is read and where the model runs."""
     opts = [
@@ -121,9 +128,7 @@ def data_options(fn: Callable[..., Any]) -> Callable[..., Any]:
             help="Where ONNX Runtime runs; auto takes CUDA when it loads.",
         ),
     ]
-    for opt in reversed(opts):
-        fn = opt(fn)
-    return fn
+    return _stack(opts, fn)
 
 
 def model_options(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -149,9 +154,7 @@ def model_options(fn: Callable[..., Any]) -> Callable[..., Any]:
             "layer name). Default: the input of the last linear layer.",
         ),
     ]
-    for opt in reversed(opts):
-        fn = opt(fn)
-    return fn
+    return _stack(opts, fn)
 
 
 def _adapter_kwargs(
@@ -293,9 +296,7 @@ def detect_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         ),
         click.option("--seed", type=int, default=_D.seed, show_default=True, help="Random seed."),
     ]
-    for opt in reversed(opts):
-        fn = opt(fn)
-    return fn
+    return _stack(opts, fn)
 
 
 def exre_options(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -327,9 +328,7 @@ def exre_options(fn: Callable[..., Any]) -> Callable[..., Any]:
             help="Epochs of ExRe's retraining from scratch (at least 400 optimizer steps).",
         ),
     ]
-    for opt in reversed(opts):
-        fn = opt(fn)
-    return fn
+    return _stack(opts, fn)
 
 
 def _exre_config(kw: dict[str, Any]) -> Any:
@@ -362,9 +361,7 @@ def output_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         ),
         click.option("-q", "--quiet", is_flag=True, help="No progress bar, no summary."),
     ]
-    for opt in reversed(opts):
-        fn = opt(fn)
-    return fn
+    return _stack(opts, fn)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -420,7 +417,7 @@ def scan(
     \b
     Examples:
       backdoorscan scan model.onnx --data train.npz
-      backdoorscan scan model.onnx --data x.npy --labels y.npy --scale 0.00392 \
+      backdoorscan scan model.onnx --data x.npy --labels y.npy --scale 0.00392 \\
         --format json -o report.json
       backdoorscan scan weights.pt --arch mypkg.models:Net --input-shape 1,28,28 --data train.npz
     """
