@@ -28,3 +28,23 @@ def test_k_larger_than_reference_is_clipped() -> None:
 def test_shape_mismatch_raises() -> None:
     with pytest.raises(ValueError, match="equal widths"):
         knn(np.zeros((2, 3)), np.zeros((4, 5)))
+
+
+def test_ties_keep_the_lower_index() -> None:
+    R = np.array([[1.0, 0.0], [0.0, 0.0], [1.0, 0.0], [0.0, 0.0], [5.0, 5.0]])
+    idx, dist = knn(np.zeros((1, 2)), R, 4)
+    assert idx[0].tolist() == [1, 3, 0, 2]
+    np.testing.assert_allclose(dist[0], [0.0, 0.0, 1.0, 1.0])
+
+
+def test_blocks_merge_like_one_pass(monkeypatch: pytest.MonkeyPatch) -> None:
+    import backdoorscan.kernels.knn as mod
+
+    rng = np.random.default_rng(3)
+    R = rng.normal(size=(1000, 8)).astype(np.float32)
+    Q = rng.normal(size=(7, 8)).astype(np.float32)
+    whole = knn(Q, R, 6)
+    monkeypatch.setattr(mod, "BLOCK", 97)
+    blocked = knn(Q, R, 6)
+    assert np.array_equal(whole[0], blocked[0])
+    np.testing.assert_allclose(whole[1], blocked[1])
