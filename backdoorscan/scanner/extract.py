@@ -15,6 +15,7 @@ import numpy as np
 
 from backdoorscan.adapters.base import OnnxExport
 from backdoorscan.scanner.data import Dataset
+from backdoorscan.scanner.graph import conv1d_as_conv2d
 from backdoorscan.scanner.sketch import InputSketch
 
 # ONNX Runtime 1.31's Linux builds record a telemetry event per process (device id, OS, CPU,
@@ -65,8 +66,12 @@ def make_session(export: OnnxExport, device: str = "auto", *, threads: int | Non
             "(install onnxruntime-gpu)"
         )
     try:
+        model_bytes = conv1d_as_conv2d(export.model_bytes)
+    except Exception:  # a graph the rewrite cannot read: ONNX Runtime says why, below
+        model_bytes = export.model_bytes
+    try:
         with _quiet_stderr():
-            session = ort.InferenceSession(export.model_bytes, options, providers=providers)
+            session = ort.InferenceSession(model_bytes, options, providers=providers)
     except Exception as exc:
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ExtractionError(f"ONNX Runtime cannot load the model: {msg}") from None
