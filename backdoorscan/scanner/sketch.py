@@ -24,22 +24,33 @@ class InputSketch:
 
     def add(self, start: int, xb: np.ndarray) -> None:
         """Project the batch starting at sample ``start``."""
-        v = self._bag(xb) if self.tokens else xb.reshape(len(xb), -1).astype(np.float32)
+        stop = start + len(xb)
+        if self.tokens:
+            self.matrix[start:stop] = self._project_tokens(xb)
+            return
+        v = xb.reshape(len(xb), -1).astype(np.float32)
+        self.matrix[start:stop] = v @ self._projection(v.shape[1])
+
+    def _projection(self, width: int) -> np.ndarray:
         if self._proj is None:
             rng = np.random.default_rng(self.seed)
-            width = v.shape[1]
             self._proj = (rng.standard_normal((width, self.dim)) / np.sqrt(self.dim)).astype(
                 np.float32
             )
-        self.matrix[start : start + len(xb)] = v @ self._proj
+        return self._proj
 
-    @staticmethod
-    def _bag(xb: np.ndarray) -> np.ndarray:
+    def _project_tokens(self, xb: np.ndarray) -> np.ndarray:
+        """The hashed bag of tokens (id 0 pads and is left out), length-normalised, projected:
+        the sum of the projection rows of a sequence's tokens over the norm of its bag, without
+        forming the ``[n, HASH_BUCKETS]`` bag."""
+        proj = self._projection(HASH_BUCKETS)
         ids = xb.reshape(len(xb), -1).astype(np.int64)
-        bag = np.zeros((len(xb), HASH_BUCKETS), dtype=np.float32)
-        rows = np.repeat(np.arange(len(xb)), ids.shape[1])
-        flat = ids.ravel()
-        keep = flat > 0  # id 0 pads sequences
-        np.add.at(bag, (rows[keep], flat[keep] % HASH_BUCKETS), 1.0)
-        norms = np.linalg.norm(bag, axis=1, keepdims=True)
-        return bag / np.maximum(norms, 1e-12)
+        used = ids > 0
+        buckets = ids % HASH_BUCKETS
+        sums = np.einsum("ntd,nt->nd", proj[buckets], used.astype(np.float32))
+        rows = np.broadcast_to(np.arange(len(xb))[:, None], ids.shape)[used]
+        _, first, counts = np.unique(
+            rows * HASH_BUCKETS + buckets[used], return_index=True, return_counts=True
+        )
+        sq = np.bincount(rows[first], weights=counts.astype(np.float64) ** 2, minlength=len(xb))
+        return sums / np.maximum(np.sqrt(sq), 1e-12)[:, None].astype(np.float32)
