@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
+import pytest
 
 import backdoorscan
 from backdoorscan import DetectConfig
@@ -53,3 +56,66 @@ def test_same_seed_same_report(poisoned_digits: dict) -> None:
     b = backdoorscan.scan(poisoned_digits["model"], data=poisoned_digits["data"])
     assert np.array_equal(a.flagged_indices, b.flagged_indices)
     assert np.array_equal(a.scores, b.scores)
+
+
+def _without(report: backdoorscan.Report, *keys: str) -> dict:
+    doc = json.loads(report.to_json())
+    doc.pop("timings_s")
+    for key in keys:
+        doc["settings"].pop(key)
+    return doc
+
+
+def test_threads_do_not_change_the_report(poisoned_digits: dict) -> None:
+    """Classes run on a thread each (n_jobs); the report is the same with one thread."""
+    one, two = (
+        backdoorscan.scan(
+            poisoned_digits["model"], data=poisoned_digits["data"], config=DetectConfig(n_jobs=n)
+        )
+        for n in (1, 2)
+    )
+    assert _without(one, "n_jobs") == _without(two, "n_jobs")
+    assert one.poisoned_classes == [1]
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"transfer_reference": 400},  # neighbours searched among a sample of the data
+        {"fit_samples": 120},  # FastICA and k-means learn from a sample of each class
+        {"transfer_screen": 0},  # every stamped sample asked, no first look
+    ],
+)
+def test_sampling_shortcuts_keep_the_finding(poisoned_digits: dict, overrides: dict) -> None:
+    report = backdoorscan.scan(
+        poisoned_digits["model"], data=poisoned_digits["data"], config=DetectConfig(**overrides)
+    )
+    precision, recall = _precision_recall(report.is_flagged(), poisoned_digits["poison"])
+    assert report.poisoned_classes == [1], overrides
+    assert precision >= 0.95 and recall >= 0.95, (overrides, precision, recall)
+
+
+def test_screen_asks_fewer_samples_and_changes_no_verdict(
+    clean_digits: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first look (transfer_screen) spares the model most questions on a clean model."""
+    from backdoorscan.scanner.transfer import TransferProbe
+
+    asked: list[int] = []
+    predict = TransferProbe.predict
+
+    def counting(self: TransferProbe, xb: np.ndarray) -> np.ndarray:
+        asked.append(len(xb))
+        return predict(self, xb)
+
+    monkeypatch.setattr(TransferProbe, "predict", counting)
+    totals, reports = [], []
+    for screen in (0, 10):
+        asked.clear()
+        cfg = DetectConfig(transfer_screen=screen, n_jobs=1)
+        reports.append(
+            backdoorscan.scan(clean_digits["model"], data=clean_digits["data"], config=cfg)
+        )
+        totals.append(sum(asked))
+    assert [r.poisoned_classes for r in reports] == [[], []]
+    assert totals[1] < 0.5 * totals[0], totals

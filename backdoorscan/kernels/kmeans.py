@@ -14,7 +14,7 @@ from numba import njit
 from .pca import as_matrix
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _sq_dist(X: np.ndarray, i: int, C: np.ndarray, c: int) -> float:
     """Squared Euclidean distance between row i of X and row c of C."""
     s = 0.0
@@ -24,7 +24,7 @@ def _sq_dist(X: np.ndarray, i: int, C: np.ndarray, c: int) -> float:
     return s
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _first_at_least(cums: np.ndarray, value: float) -> int:
     """Index of the first entry of the non-decreasing ``cums`` that is >= value (n - 1 if none)."""
     lo, hi = 0, cums.shape[0] - 1
@@ -37,7 +37,7 @@ def _first_at_least(cums: np.ndarray, value: float) -> int:
     return lo
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _kmeans_plusplus(X: np.ndarray, n_clusters: int) -> np.ndarray:
     """Greedy k-means++ seeding (2 + log k trials per center) from numba's seeded RNG state.
 
@@ -82,7 +82,7 @@ def _kmeans_plusplus(X: np.ndarray, n_clusters: int) -> np.ndarray:
     return centers
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _assign(X: np.ndarray, centers: np.ndarray, labels: np.ndarray, dist: np.ndarray) -> None:
     """Label every sample with its nearest center (lowest index on ties); dist gets the squared
     distance."""
@@ -100,7 +100,7 @@ def _assign(X: np.ndarray, centers: np.ndarray, labels: np.ndarray, dist: np.nda
         dist[i] = best
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _relocate_empty(
     X: np.ndarray, labels: np.ndarray, dist: np.ndarray, sums: np.ndarray, counts: np.ndarray
 ) -> None:
@@ -140,7 +140,7 @@ def _relocate_empty(
         counts[c] = 1
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _lloyd(X: np.ndarray, centers_init: np.ndarray, max_iter: int, tol_abs: float):
     """Lloyd iterations from given centers; returns (labels, centers, inertia, n_iter).
 
@@ -195,7 +195,7 @@ def _lloyd(X: np.ndarray, centers_init: np.ndarray, max_iter: int, tol_abs: floa
     return labels, centers, inertia, n_iter
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _kmeans_restarts(
     X: np.ndarray, n_clusters: int, n_init: int, max_iter: int, tol_abs: float, seed: int
 ):

@@ -13,7 +13,7 @@ from numba import njit
 from .pca import as_matrix
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _silhouette(X: np.ndarray, labels: np.ndarray, n_labels: int) -> np.ndarray:
     """Silhouette of every sample; labels must be 0..n_labels-1. Singleton clusters give 0."""
     n, d = X.shape

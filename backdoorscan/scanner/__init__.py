@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from backdoorscan import adapters
 from backdoorscan.adapters.base import Adapter, OnnxExport
@@ -126,18 +127,23 @@ def scan(
     if on_extract_start is not None:
         on_extract_start(len(ds))
     session = make_session(export, device)
-    acts: Activations = extract(
-        export, ds, batch_size=batch_size, progress=progress, session=session, seed=cfg.seed
-    )
-    timings["extract"] = time.perf_counter() - t
-    if int(ds.y.max()) >= acts.num_classes:
-        raise DataError(
-            f"labels go up to {int(ds.y.max())} but the model has {acts.num_classes} classes"
+    # ONNX Runtime's thread pool and the BLAS library's would each take every core, and both
+    # spin while they wait: interleaved (the input sketch between batches, the neighbour
+    # searches between transfer probes) they starve each other, 2.4x slower on MNIST here
+    # (benchmarks/RESULTS.md). The numpy work between model runs is small; one thread does it.
+    with threadpool_limits(limits=1, user_api="blas"):
+        acts: Activations = extract(
+            export, ds, batch_size=batch_size, progress=progress, session=session, seed=cfg.seed
         )
-    probe = None
-    if acts.sketch is not None and "transfer" in cfg.rule:
-        probe = TransferProbe(session, export, ds, acts.sketch, cfg)
-    report = detect(acts.features, ds.y, cfg, transfer=probe)
+        timings["extract"] = time.perf_counter() - t
+        if int(ds.y.max()) >= acts.num_classes:
+            raise DataError(
+                f"labels go up to {int(ds.y.max())} but the model has {acts.num_classes} classes"
+            )
+        probe = None
+        if acts.sketch is not None and "transfer" in cfg.rule:
+            probe = TransferProbe(session, export, ds, acts.sketch, cfg, acts.predictions)
+        report = detect(acts.features, ds.y, cfg, transfer=probe)
     timings.update(report.timings)
     report.timings = timings
     report.provider = acts.provider

@@ -18,6 +18,7 @@ class DetectConfig:
     n_clusters: int | str | tuple[int, ...] = (2, 3)
     max_clusters: int = 5
     n_init: int = 10
+    fit_samples: int = 2000
     size_threshold: float = 0.35
     separation_threshold: float = 5.0
     silhouette_threshold: float = 0.25
@@ -27,11 +28,14 @@ class DetectConfig:
     ica_max_iter: int = 200
     transfer_threshold: float = 0.5
     transfer_samples: int = 300
+    transfer_screen: int = 10
     transfer_queries: int = 100
     transfer_neighbors: int = 10
+    transfer_reference: int = 8192
     fallback_rule: tuple[str, ...] = ("size", "separation")
     refine: bool = True
     max_share: float = 0.6
+    n_jobs: int = 0
     seed: int = 0
 
     def __post_init__(self) -> None:

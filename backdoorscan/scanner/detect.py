@@ -24,7 +24,9 @@ clean classes, which makes every clean model look poisoned.
 
 from __future__ import annotations
 
+import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -51,8 +53,25 @@ class _Clustering:
     labels: np.ndarray
     centers: np.ndarray
     k: int
-    silhouette: float
+    max_exact: int
+    seed: int
     reduction: str = ""
+    _silhouette: float | None = None
+
+    @property
+    def silhouette(self) -> float:
+        """Mean silhouette of the clustering, computed when first asked (it costs a pass over
+        pairs of samples, and most clusterings are never asked)."""
+        if self._silhouette is None:
+            if len(np.unique(self.labels)) < 2:
+                self._silhouette = 0.0
+            else:
+                self._silhouette = float(
+                    silhouette_score(
+                        self.z, self.labels, max_exact=self.max_exact, random_state=self.seed
+                    )
+                )
+        return self._silhouette
 
 
 def reduce_features(f: np.ndarray, cfg: DetectConfig, seed: int, method: str) -> np.ndarray:
@@ -64,19 +83,35 @@ def reduce_features(f: np.ndarray, cfg: DetectConfig, seed: int, method: str) ->
     if method == "none" or f.shape[1] <= k:
         return f - f.mean(axis=0)
     if method == "ica":
-        z, _, _ = fastica(f, k, max_iter=cfg.ica_max_iter, random_state=seed)
-        return z
+        rows = _fit_rows(len(f), cfg, seed)
+        _, unmixing, _ = fastica(f[rows], k, max_iter=cfg.ica_max_iter, random_state=seed)
+        return (f - f[rows].mean(axis=0)) @ unmixing.T
     z, _, _ = pca(f, k)
     return z
 
 
+def _fit_rows(n: int, cfg: DetectConfig, seed: int) -> np.ndarray | slice:
+    """The rows that FastICA and k-means learn from: all of them, or a seeded sample of
+    ``fit_samples`` when the class is larger (a cluster holds the same share of the sample as
+    of the class; every row is then projected and assigned)."""
+    if cfg.fit_samples <= 0 or n <= cfg.fit_samples:
+        return slice(None)
+    rng = np.random.default_rng([seed, n])
+    return np.sort(rng.choice(n, size=cfg.fit_samples, replace=False))
+
+
 def _kmeans_fit(z: np.ndarray, k: int, cfg: DetectConfig, seed: int) -> _Clustering:
-    labels, centers, _, _ = kmeans(z, k, n_init=cfg.n_init, random_state=seed)
-    if len(np.unique(labels)) < 2:
-        sil = 0.0
-    else:
-        sil = silhouette_score(z, labels, max_exact=cfg.silhouette_max_exact, random_state=seed)
-    return _Clustering(z, labels, centers, k, float(sil))
+    rows = _fit_rows(len(z), cfg, seed)
+    labels, centers, _, _ = kmeans(z[rows], k, n_init=cfg.n_init, random_state=seed)
+    if not isinstance(rows, slice):
+        labels = _nearest(z, centers)
+    return _Clustering(z, labels, centers, k, cfg.silhouette_max_exact, seed)
+
+
+def _nearest(z: np.ndarray, centers: np.ndarray) -> np.ndarray:
+    """Index of each row's nearest centre (ties to the lower index, as k-means assigns)."""
+    d = ((z[:, None, :] - centers[None, :, :]) ** 2).sum(axis=2)
+    return d.argmin(axis=1).astype(np.int64)
 
 
 def _cluster(z: np.ndarray, cfg: DetectConfig, seed: int) -> list[_Clustering]:
@@ -120,6 +155,11 @@ class TransferTest(Protocol):
         """Transfer rate, suspected source, the estimated trigger (or None), rate per class."""
         ...
 
+    def trigger(self, indices: np.ndarray, seed: int) -> Any:
+        """The perturbation the samples at ``indices`` share, estimated as sharply as the
+        test can (None if there is none)."""
+        ...
+
     def trigger_scores(self, indices: np.ndarray, trigger: Any) -> np.ndarray:
         """How strongly each of the samples at ``indices`` carries ``trigger``."""
         ...
@@ -132,7 +172,7 @@ class _Candidate:
     relative_size: float
     separation: float
     fit: _Clustering
-    distance: float = 0.0
+    distance: float | None = None  # computed when an analysis or the report asks
     nearest: int | None = None
     transfer: float | None = None
     source: int | None = None
@@ -159,16 +199,19 @@ def _candidates(f: np.ndarray, cfg: DetectConfig, seed: int) -> list[_Candidate]
     return out
 
 
-def _votes(cand: _Candidate, cfg: DetectConfig) -> dict[str, bool]:
-    votes = {
-        "size": cand.relative_size < cfg.size_threshold,
-        "separation": cand.separation >= cfg.separation_threshold,
-        "silhouette": cand.fit.silhouette >= cfg.silhouette_threshold,
-        "distance": cand.distance > 1.0,
+def _votes(
+    cand: _Candidate, cfg: DetectConfig, analyses: tuple[str, ...] = ANALYSES
+) -> dict[str, bool]:
+    """Each analysis's verdict on a candidate; only those in ``analyses`` are computed."""
+    tests = {
+        "size": lambda: cand.relative_size < cfg.size_threshold,
+        "separation": lambda: cand.separation >= cfg.separation_threshold,
+        "silhouette": lambda: cand.fit.silhouette >= cfg.silhouette_threshold,
+        "distance": lambda: (cand.distance or 0.0) > 1.0,
     }
     if cand.transfer is not None:
-        votes["transfer"] = cand.transfer >= cfg.transfer_threshold
-    return votes
+        tests["transfer"] = lambda: cand.transfer >= cfg.transfer_threshold
+    return {a: test() for a, test in tests.items() if a in analyses}
 
 
 def effective_rule(cfg: DetectConfig, has_transfer: bool) -> tuple[str, ...]:
@@ -216,104 +259,24 @@ def detect(
     scores = np.zeros(n, dtype=np.float64)
     classes = np.unique(labels)
     medians = _class_medians(features, labels, classes)
+    jobs = [np.flatnonzero(labels == c) for c in classes]
+
+    def one(c: int, idx: np.ndarray) -> tuple[ClassResult, np.ndarray | None]:
+        return _detect_class(int(c), idx, features[idx], cfg, rule, medians, transfer)
+
+    # Classes are independent and their kernels release the GIL: a thread each, results in
+    # class order (each class is seeded on its own, so the report does not depend on n_jobs).
+    workers = min(_n_jobs(cfg.n_jobs), len(classes))
+    if workers > 1:
+        with ThreadPoolExecutor(workers) as pool:
+            outs = list(pool.map(one, classes, jobs))
+    else:
+        outs = [one(c, idx) for c, idx in zip(classes, jobs, strict=True)]
     results: list[ClassResult] = []
-    for c in classes:
-        idx = np.flatnonzero(labels == c)
-        if len(idx) < max(cfg.min_class_size, 3):
-            results.append(
-                ClassResult(
-                    int(c),
-                    len(idx),
-                    "skipped",
-                    reason=f"{len(idx)} samples, fewer than the {cfg.min_class_size} needed",
-                )
-            )
-            continue
-        seed = cfg.seed + int(c)
-        f = features[idx]
-        cands = _candidates(f, cfg, seed)
-        if not cands:  # every sample of the class has the same activations
-            results.append(
-                ClassResult(
-                    int(c),
-                    len(idx),
-                    "skipped",
-                    reason=f"all {len(idx)} samples have identical activations; nothing to cluster",
-                )
-            )
-            continue
-        # The model is asked about every cluster that the cheaper analyses leave in the running.
-        cheap = [a for a in rule if a != "transfer"]
-        for cand in cands:
-            cand.distance, cand.nearest = _distance(f, cand.members, medians, int(c))
-            pre = _votes(cand, cfg)
-            if transfer is not None and "transfer" in rule and all(pre[a] for a in cheap):
-                cand.transfer, cand.source, cand.trigger, cand.rates = transfer(
-                    idx[cand.members], int(c), seed
-                )
-        passing = [cd for cd in cands if all(_votes(cd, cfg).get(a, False) for a in rule)]
-        poisoned = bool(passing)
-        if passing:
-            # Several clusterings may find the poison: among those the model confirms about
-            # equally, the best separated is the purest.
-            top = max(cd.transfer or 0.0 for cd in passing)
-            near_top = [cd for cd in passing if (cd.transfer or 0.0) >= top - 0.1]
-            best = max(near_top, key=lambda cd: cd.separation)
-        else:
-            # Report the most suspicious cluster: the one the model answered most, else small
-            # and apart.
-            best = max(
-                cands,
-                key=lambda cd: (
-                    cd.transfer if cd.transfer is not None else -1.0,
-                    cd.relative_size < cfg.size_threshold,
-                    cd.separation,
-                ),
-            )
-        members, fit = best.members, best.fit
-        z = fit.z
-        refined = False
-        if poisoned and cfg.refine and transfer is not None and best.trigger is not None:
-            carried = _carriers(transfer.trigger_scores(idx, best.trigger), members)
-            if carried is not None:
-                members, refined = carried, True
-        votes = _votes(best, cfg)
-        # Membership: how much nearer a sample sits to the candidate centre than to the rest.
-        d_c = np.linalg.norm(z - z[members].mean(axis=0), axis=1)
-        d_r = np.linalg.norm(z - z[~members].mean(axis=0), axis=1)
-        membership = np.where(members, d_r / np.maximum(d_c + d_r, 1e-12), 0.0)
-        membership = np.where(members, np.maximum(membership, 0.5 + 1e-6), membership)
-        scores[idx] = membership if poisoned else membership * 0.5
-        source = None
-        if poisoned:
-            source = best.source
-            if source is None and votes["distance"]:
-                source = best.nearest
-        sizes = np.bincount(fit.labels, minlength=fit.k)
-        results.append(
-            ClassResult(
-                label=int(c),
-                n_samples=len(idx),
-                verdict="poisoned" if poisoned else "clean",
-                cluster_sizes=[int(s) for s in sizes],
-                suspicious_cluster=best.cluster,
-                clustering=fit.reduction,
-                refined=refined,
-                relative_size=float(best.relative_size),
-                silhouette=fit.silhouette,
-                separation=float(best.separation),
-                distance_ratio=float(best.distance),
-                transfer=best.transfer,
-                votes=votes,
-                n_flagged=int(members.sum()) if poisoned else 0,
-                transfer_sources=sorted(
-                    k for k, v in (best.rates or {}).items() if v >= cfg.transfer_threshold
-                )
-                if poisoned
-                else [],
-                suspected_source=source,
-            )
-        )
+    for idx, (result, class_scores) in zip(jobs, outs, strict=True):
+        results.append(result)
+        if class_scores is not None:
+            scores[idx] = class_scores
     notes = []
     if len(classes) == 1 and "transfer" in rule:
         notes.append(
@@ -333,6 +296,114 @@ def detect(
         timings={"detect": time.perf_counter() - t0},
         notes=notes,
     )
+
+
+def _n_jobs(n_jobs: int) -> int:
+    """Threads for the per-class work: ``n_jobs``, or every core when it is 0 or less."""
+    return n_jobs if n_jobs > 0 else max(os.cpu_count() or 1, 1)
+
+
+def _detect_class(
+    c: int,
+    idx: np.ndarray,
+    f: np.ndarray,
+    cfg: DetectConfig,
+    rule: tuple[str, ...],
+    medians: dict[int, np.ndarray],
+    transfer: TransferTest | None,
+) -> tuple[ClassResult, np.ndarray | None]:
+    """One class's verdict, and its samples' membership scores (None when skipped)."""
+    if len(idx) < max(cfg.min_class_size, 3):
+        return ClassResult(
+            int(c),
+            len(idx),
+            "skipped",
+            reason=f"{len(idx)} samples, fewer than the {cfg.min_class_size} needed",
+        ), None
+    seed = cfg.seed + int(c)
+    cands = _candidates(f, cfg, seed)
+    if not cands:  # every sample of the class has the same activations
+        return ClassResult(
+            int(c),
+            len(idx),
+            "skipped",
+            reason=f"all {len(idx)} samples have identical activations; nothing to cluster",
+        ), None
+    # The model is asked about every cluster that the cheaper analyses leave in the running.
+    cheap = tuple(a for a in rule if a != "transfer")
+    for cand in cands:
+        if "distance" in rule:
+            cand.distance, cand.nearest = _distance(f, cand.members, medians, int(c))
+        pre = _votes(cand, cfg, cheap)
+        if transfer is not None and "transfer" in rule and all(pre.values()):
+            cand.transfer, cand.source, cand.trigger, cand.rates = transfer(
+                idx[cand.members], int(c), seed
+            )
+    passing = [cd for cd in cands if all(_votes(cd, cfg, rule).get(a, False) for a in rule)]
+    poisoned = bool(passing)
+    if passing:
+        # Several clusterings may find the poison: among those the model confirms about
+        # equally, the best separated is the purest.
+        top = max(cd.transfer or 0.0 for cd in passing)
+        near_top = [cd for cd in passing if (cd.transfer or 0.0) >= top - 0.1]
+        best = max(near_top, key=lambda cd: cd.separation)
+    else:
+        # Report the most suspicious cluster: the one the model answered most, else small
+        # and apart.
+        best = max(
+            cands,
+            key=lambda cd: (
+                cd.transfer if cd.transfer is not None else -1.0,
+                cd.relative_size < cfg.size_threshold,
+                cd.separation,
+            ),
+        )
+    members, fit = best.members, best.fit
+    z = fit.z
+    refined = False
+    if poisoned and cfg.refine and transfer is not None and best.trigger is not None:
+        sharp = transfer.trigger(idx[members], seed)
+        trigger = best.trigger if sharp is None else sharp
+        carried = _carriers(transfer.trigger_scores(idx, trigger), members)
+        if carried is not None:
+            members, refined = carried, True
+    if best.distance is None:
+        best.distance, best.nearest = _distance(f, best.members, medians, int(c))
+    votes = _votes(best, cfg)
+    # Membership: how much nearer a sample sits to the candidate centre than to the rest.
+    d_c = np.linalg.norm(z - z[members].mean(axis=0), axis=1)
+    d_r = np.linalg.norm(z - z[~members].mean(axis=0), axis=1)
+    membership = np.where(members, d_r / np.maximum(d_c + d_r, 1e-12), 0.0)
+    membership = np.where(members, np.maximum(membership, 0.5 + 1e-6), membership)
+    class_scores = membership if poisoned else membership * 0.5
+    source = None
+    if poisoned:
+        source = best.source
+        if source is None and votes["distance"]:
+            source = best.nearest
+    sizes = np.bincount(fit.labels, minlength=fit.k)
+    return ClassResult(
+        label=int(c),
+        n_samples=len(idx),
+        verdict="poisoned" if poisoned else "clean",
+        cluster_sizes=[int(s) for s in sizes],
+        suspicious_cluster=best.cluster,
+        clustering=fit.reduction,
+        refined=refined,
+        relative_size=float(best.relative_size),
+        silhouette=fit.silhouette,
+        separation=float(best.separation),
+        distance_ratio=float(best.distance or 0.0),
+        transfer=best.transfer,
+        votes=votes,
+        n_flagged=int(members.sum()) if poisoned else 0,
+        transfer_sources=sorted(
+            k for k, v in (best.rates or {}).items() if v >= cfg.transfer_threshold
+        )
+        if poisoned
+        else [],
+        suspected_source=source,
+    ), class_scores
 
 
 def _carriers(scores: np.ndarray, members: np.ndarray) -> np.ndarray | None:

@@ -25,6 +25,10 @@ from backdoorscan.scanner.config import DetectConfig
 from backdoorscan.scanner.data import Dataset
 
 MAX_TRIGGER_TOKENS = 3
+# The first look at a perturbation (``transfer_screen`` samples per class) goes on to every
+# sample when some class sends at least this share to the label. A trigger that sends half a
+# class there passes with 10 samples per class in 99 % of draws; one that sends 70 % in 99.99 %.
+SCREEN_PASS = 0.2
 
 
 class TransferProbe:
@@ -37,15 +41,28 @@ class TransferProbe:
         data: Dataset,
         sketch: np.ndarray,
         config: DetectConfig,
+        predictions: np.ndarray | None = None,
     ) -> None:
         self.session = session
         self.export = export
         self.data = data
         self.sketch = sketch
         self.cfg = config
-        self.labels = data.y
+        self.labels = np.asarray(data.y)
+        self.predictions = predictions
         self.tokens = np.issubdtype(np.dtype(data.dtype), np.integer)
         self.calls = 0
+        n = len(self.labels)
+        # One seeded sample of the data set answers every neighbour question: a cluster's
+        # members need neighbours that look like them, not their very nearest in the set.
+        ref_rng = np.random.default_rng(config.seed)
+        size = min(n, config.transfer_reference) if config.transfer_reference > 0 else n
+        if size < n:
+            self._ref = np.sort(ref_rng.choice(n, size=size, replace=False))
+            self._ref_sketch = self.sketch[self._ref]
+        else:
+            self._ref, self._ref_sketch = np.arange(n), self.sketch
+        self._by_class = {int(c): np.flatnonzero(self.labels == c) for c in np.unique(self.labels)}
 
     def predict(self, xb: np.ndarray) -> np.ndarray:
         """Predicted classes of a converted batch."""
@@ -66,19 +83,13 @@ class TransferProbe:
         self.calls += 1
         cfg = self.cfg
         rng = np.random.default_rng(seed)
-        queries = cluster
-        if len(queries) > cfg.transfer_queries:
-            queries = np.sort(rng.choice(cluster, size=cfg.transfer_queries, replace=False))
-        outside = np.ones(len(self.labels), dtype=bool)
-        outside[cluster] = False
-        ref = np.flatnonzero(outside)
-        targets_pool = np.flatnonzero(outside & (self.labels != label))
-        if len(ref) == 0 or len(targets_pool) == 0:
+        queries = self._queries(cluster, rng)
+        inside = np.zeros(len(self.labels), dtype=bool)
+        inside[cluster] = True
+        targets = self._stratified(inside, label, rng)
+        nn_idx = self._neighbours(queries, inside, full=False)
+        if nn_idx is None or len(targets) == 0:
             return 0.0, None, None, {}
-        k = min(cfg.transfer_neighbors, len(ref))
-        nn, _ = knn(self.sketch[queries], self.sketch[ref], k)
-        nn_idx = ref[nn]  # [q, k] sample indices
-        targets = self._stratified(targets_pool, rng)
         x_t = self.data.take(targets)
         if self.tokens:
             trigger = self._trigger_tokens(queries, nn_idx)
@@ -88,13 +99,61 @@ class TransferProbe:
             stamped = np.clip(x_t + trigger, lo, hi).astype(x_t.dtype)
         if stamped is None:
             return 0.0, None, None, {}
-        gained = (self.predict(stamped) == label).astype(float) - (
-            self.predict(x_t) == label
-        ).astype(float)
+        before = self.predict(x_t) if self.predictions is None else self.predictions[targets]
         t_labels = self.labels[targets]
-        rates = {int(s): float(gained[t_labels == s].mean()) for s in np.unique(t_labels)}
+        sent = np.zeros(len(targets), dtype=bool)
+        # A first look at a few samples of each class: a perturbation that sends almost none
+        # of them to the label is no trigger, and the rest need not be asked.
+        first = _first_per_class(t_labels, cfg.transfer_screen)
+        sent[first] = self.predict(stamped[first]) == label
+        if (
+            len(first) < len(targets)
+            and _rates(sent[first], before[first], t_labels[first], label).max() >= SCREEN_PASS
+        ):
+            rest = np.setdiff1d(np.arange(len(targets)), first)
+            sent[rest] = self.predict(stamped[rest]) == label
+        else:
+            sent, before, t_labels = sent[first], before[first], t_labels[first]
+        rates = dict(
+            zip(np.unique(t_labels).tolist(), _rates(sent, before, t_labels, label), strict=True)
+        )
         source = max(rates, key=rates.__getitem__)
         return rates[source], (source if rates[source] > 0 else None), trigger, rates
+
+    def trigger(self, cluster: np.ndarray, seed: int) -> np.ndarray | None:
+        """The cluster's shared perturbation, its members' neighbours searched among every
+        sample outside it rather than the probe's sample of the data: the sharper estimate
+        that a confirmed trigger's per-sample refinement projects on."""
+        rng = np.random.default_rng(seed)
+        queries = self._queries(cluster, rng)
+        inside = np.zeros(len(self.labels), dtype=bool)
+        inside[cluster] = True
+        nn_idx = self._neighbours(queries, inside, full=True)
+        if nn_idx is None:
+            return None
+        if self.tokens:
+            return self._trigger_tokens(queries, nn_idx)
+        return self._trigger_perturbation(queries, nn_idx)[0]
+
+    def _queries(self, cluster: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """The cluster's members whose neighbours are searched (a seeded sample of them)."""
+        if len(cluster) > self.cfg.transfer_queries:
+            return np.sort(rng.choice(cluster, size=self.cfg.transfer_queries, replace=False))
+        return cluster
+
+    def _neighbours(self, queries: np.ndarray, inside: np.ndarray, full: bool) -> np.ndarray | None:
+        """``[queries, k]`` sample indices of each query's nearest inputs outside the cluster,
+        among the probe's reference sample (or the whole data set when ``full``)."""
+        if full:
+            ref = np.flatnonzero(~inside)
+            ref_sketch = self.sketch[ref]
+        else:
+            keep = ~inside[self._ref]
+            ref, ref_sketch = self._ref[keep], self._ref_sketch[keep]
+        if len(ref) == 0:
+            return None
+        nn, _ = knn(self.sketch[queries], ref_sketch, min(self.cfg.transfer_neighbors, len(ref)))
+        return ref[nn]
 
     def trigger_scores(self, indices: np.ndarray, trigger: np.ndarray) -> np.ndarray:
         """How strongly each sample carries ``trigger``: its projection on the perturbation, or
@@ -114,14 +173,15 @@ class TransferProbe:
                 )
         return out
 
-    def _stratified(self, pool: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        """Up to an equal number of samples from each class in ``pool``."""
-        classes = np.unique(self.labels[pool])
-        per_class = max(self.cfg.transfer_samples // max(len(classes), 1), 20)
-        picks = []
-        for s in classes:
-            members = pool[self.labels[pool] == s]
-            picks.append(rng.choice(members, size=min(per_class, len(members)), replace=False))
+    def _stratified(self, inside: np.ndarray, label: int, rng: np.random.Generator) -> np.ndarray:
+        """Up to an equal number of samples from each class other than ``label``, none of
+        them in the cluster (``inside``)."""
+        pools = [m[~inside[m]] for c, m in self._by_class.items() if c != label]
+        pools = [m for m in pools if len(m)]
+        if not pools:
+            return np.empty(0, dtype=np.int64)
+        per_class = max(self.cfg.transfer_samples // len(pools), 20)
+        picks = [rng.choice(m, size=min(per_class, len(m)), replace=False) for m in pools]
         return np.sort(np.concatenate(picks))
 
     def _trigger_perturbation(
@@ -139,13 +199,19 @@ class TransferProbe:
     def _trigger_tokens(self, queries: np.ndarray, nn_idx: np.ndarray) -> np.ndarray | None:
         xq = self.data.take(queries).reshape(len(queries), -1)
         xn = self.data.take(np.unique(nn_idx.ravel())).reshape(-1, xq.shape[1])
-        df_q = _doc_freq(xq)
-        df_n = _doc_freq(xn)
-        tokens = sorted(set(df_q) | set(df_n), key=lambda t: df_q.get(t, 0) - df_n.get(t, 0))
-        lift = [t for t in reversed(tokens) if df_q.get(t, 0) - df_n.get(t, 0) >= 0.5]
-        if not lift:
+        ids_q, df_q = _doc_freq(xq)
+        ids_n, df_n = _doc_freq(xn)
+        ids = np.union1d(ids_q, ids_n)
+        lift = np.zeros(len(ids))
+        lift[np.searchsorted(ids, ids_q)] += df_q
+        lift[np.searchsorted(ids, ids_n)] -= df_n
+        # The tokens far more common in the cluster than among its neighbours, most first
+        # (ties to the lower id).
+        order = np.lexsort((ids, -lift))
+        order = order[lift[order] >= 0.5]
+        if not len(order):
             return None
-        return np.array(lift[:MAX_TRIGGER_TOKENS], dtype=np.int64)
+        return ids[order[:MAX_TRIGGER_TOKENS]].astype(np.int64)
 
     def _insert_tokens(
         self, x_t: np.ndarray, trigger: np.ndarray, rng: np.random.Generator
@@ -163,10 +229,30 @@ class TransferProbe:
         return flat.reshape(shape)
 
 
-def _doc_freq(x: np.ndarray) -> dict[int, float]:
-    """Share of sequences holding each token id (pads, id 0, left out)."""
-    counts: dict[int, int] = {}
-    for row in x:
-        for t in np.unique(row[row != 0]):
-            counts[int(t)] = counts.get(int(t), 0) + 1
-    return {t: c / len(x) for t, c in counts.items()}
+def _doc_freq(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids present in the sequences (pads, id 0, left out) and the share of sequences
+    holding each."""
+    rows = np.sort(x.reshape(len(x), -1), axis=1)
+    first = np.ones(rows.shape, dtype=bool)
+    first[:, 1:] = rows[:, 1:] != rows[:, :-1]
+    ids, counts = np.unique(rows[first & (rows != 0)], return_counts=True)
+    return ids, counts / max(len(x), 1)
+
+
+def _first_per_class(labels: np.ndarray, m: int) -> np.ndarray:
+    """Positions of the first ``m`` entries of each class in ``labels`` (all when m <= 0)."""
+    if m <= 0:
+        return np.arange(len(labels))
+    order = np.argsort(labels, kind="stable")
+    starts = np.searchsorted(labels[order], labels[order])
+    rank = np.empty(len(labels), dtype=np.int64)
+    rank[order] = np.arange(len(labels)) - starts
+    return np.flatnonzero(rank < m)
+
+
+def _rates(sent: np.ndarray, before: np.ndarray, labels: np.ndarray, label: int) -> np.ndarray:
+    """Per class (in sorted order), the share sent to ``label`` by the stamp, less the share
+    the model gave that label unstamped."""
+    gained = sent.astype(float) - (before == label).astype(float)
+    classes, inverse = np.unique(labels, return_inverse=True)
+    return np.bincount(inverse, weights=gained) / np.bincount(inverse, minlength=len(classes))
