@@ -76,3 +76,15 @@ def test_bad_arguments_raise() -> None:
         detect(np.full((5, 3), np.nan), np.zeros(5))
     with pytest.raises(ValueError, match="reduce"):
         DetectConfig(reduce="tsne")
+    with pytest.raises(ValueError, match="fit_samples"):
+        DetectConfig(fit_samples=5)
+
+
+def test_fitting_on_a_sample_finds_the_planted_cluster() -> None:
+    """FastICA and k-means learn from a sample of each class (here 60 of 460), and every
+    sample is then assigned: the planted cluster is found all the same."""
+    f, y, planted = _activations(seed=3)
+    report = detect(f, y, DetectConfig(fit_samples=60))
+    assert report.poisoned_classes == [2]
+    flagged = report.is_flagged()
+    assert (flagged & planted).sum() >= 0.9 * planted.sum()

@@ -18,7 +18,7 @@ class DetectConfig:
     n_clusters: int | str | tuple[int, ...] = (2, 3)
     max_clusters: int = 5
     n_init: int = 10
-    fit_samples: int = 2000
+    fit_samples: int = 2000  # FastICA and k-means learn from at most this many per class
     size_threshold: float = 0.35
     separation_threshold: float = 5.0
     silhouette_threshold: float = 0.25
@@ -28,14 +28,14 @@ class DetectConfig:
     ica_max_iter: int = 200
     transfer_threshold: float = 0.5
     transfer_samples: int = 300
-    transfer_screen: int = 10
+    transfer_screen: int = 10  # stamped samples per class in the first look (0: none)
     transfer_queries: int = 100
     transfer_neighbors: int = 10
-    transfer_reference: int = 8192
+    transfer_reference: int = 8192  # inputs searched for neighbours (0: all)
     fallback_rule: tuple[str, ...] = ("size", "separation")
     refine: bool = True
     max_share: float = 0.6
-    n_jobs: int = 0
+    n_jobs: int = 0  # threads, one class each (0: every core)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -47,6 +47,8 @@ class DetectConfig:
         self.n_clusters = parse_clusters(self.n_clusters)
         if self.n_components < 1:
             raise ValueError("n_components must be at least 1")
+        if 0 < self.fit_samples < 20:
+            raise ValueError("fit_samples must be 0 (every sample) or at least 20")
         if not 0 < self.size_threshold < 1:
             raise ValueError("size_threshold must lie between 0 and 1")
         for name in ("rule", "fallback_rule"):

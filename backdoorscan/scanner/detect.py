@@ -299,8 +299,14 @@ def detect(
 
 
 def _n_jobs(n_jobs: int) -> int:
-    """Threads for the per-class work: ``n_jobs``, or every core when it is 0 or less."""
-    return n_jobs if n_jobs > 0 else max(os.cpu_count() or 1, 1)
+    """Threads for the per-class work: ``n_jobs``, or every core this process may run on when
+    it is 0 or less."""
+    if n_jobs > 0:
+        return n_jobs
+    try:
+        return max(len(os.sched_getaffinity(0)), 1)
+    except (AttributeError, OSError):  # not on Linux
+        return max(os.cpu_count() or 1, 1)
 
 
 def _detect_class(
