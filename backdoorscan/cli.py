@@ -294,6 +294,15 @@ def detect_options(fn: Callable[..., Any]) -> Callable[..., Any]:
             help="Analyses that must all agree to flag a class "
             "(transfer, size, separation, silhouette, distance).",
         ),
+        click.option(
+            "--threads",
+            "n_jobs",
+            type=click.IntRange(0),
+            default=_D.n_jobs,
+            show_default=True,
+            help="CPU threads for the model and the per-class analysis (0: every core this "
+            "process may use). The report does not depend on it.",
+        ),
         click.option("--seed", type=int, default=_D.seed, show_default=True, help="Random seed."),
     ]
     return _stack(opts, fn)

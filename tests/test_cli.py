@@ -187,3 +187,30 @@ def test_device_choice_reports_the_provider_used(device: str, tmp_path: Path) ->
     if device == "cpu" or "CUDAExecutionProvider" not in ort.get_available_providers():
         assert provider == "CPUExecutionProvider"
     assert "Failed to load" not in proc.stderr and "libcublas" not in proc.stderr
+
+
+def test_threads_option_bounds_the_scan_and_keeps_the_report(tmp_path: Path) -> None:
+    """--threads 1 runs the model and the classes on one thread; the findings are unchanged."""
+    docs = []
+    for threads in ("1", "0"):
+        out = tmp_path / f"t{threads}.json"
+        proc = run(
+            "scan",
+            DEMO_MODEL,
+            "--data",
+            DEMO_DATA,
+            "--threads",
+            threads,
+            "-q",
+            "--format",
+            "json",
+            "-o",
+            out,
+        )
+        assert proc.returncode == 1, proc.stderr
+        docs.append(json.loads(out.read_text()))
+    assert docs[0]["settings"]["n_jobs"] == 1 and docs[1]["settings"]["n_jobs"] == 0
+    for doc in docs:
+        doc.pop("timings_s"), doc["settings"].pop("n_jobs")
+    assert docs[0] == docs[1]
+    assert run("scan", DEMO_MODEL, "--data", DEMO_DATA, "--threads", "-1").returncode == 4

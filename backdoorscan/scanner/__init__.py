@@ -126,7 +126,7 @@ def scan(
     t = time.perf_counter()
     if on_extract_start is not None:
         on_extract_start(len(ds))
-    session = make_session(export, device)
+    session = make_session(export, device, threads=cfg.n_jobs or None)
     # ONNX Runtime's thread pool and the BLAS library's would each take every core, and both
     # spin while they wait: interleaved (the input sketch between batches, the neighbour
     # searches between transfer probes) they starve each other, 2.4x slower on MNIST here

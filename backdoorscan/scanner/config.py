@@ -35,7 +35,7 @@ class DetectConfig:
     fallback_rule: tuple[str, ...] = ("size", "separation")
     refine: bool = True
     max_share: float = 0.6
-    n_jobs: int = 0  # threads, one class each (0: every core)
+    n_jobs: int = 0  # threads for the model and the classes (0: every core)
     seed: int = 0
 
     def __post_init__(self) -> None:
