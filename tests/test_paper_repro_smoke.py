@@ -132,6 +132,11 @@ def test_backdoorscan_path_scores_and_renders(digits_root: tuple[Path, dict]) ->
     assert "- digits_clean: no class flagged: **met**" in section
     docs = paper_repro.render_docs(results)
     assert "digits_clean" in docs and "RESULTS.md" in docs
+    # One fresh process per scan: the command line itself, timed from outside.
+    sc = paper_repro.Scenario.load(digits_root[0] / "digits_poisoned")
+    cold = paper_repro.cold_runs(sc, None, 1)
+    assert "error" not in cold, cold
+    assert len(cold["bds_wall"]) == 1 and cold["bds_wall"][0] > 0 and cold["bds_cpu"][0] > 0
 
 
 def test_art_path(digits_root: tuple[Path, dict]) -> None:
