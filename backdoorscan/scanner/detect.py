@@ -321,16 +321,16 @@ def _detect_class(
     """One class's verdict, and its samples' membership scores (None when skipped)."""
     if len(idx) < max(cfg.min_class_size, 3):
         return ClassResult(
-            int(c),
+            c,
             len(idx),
             "skipped",
             reason=f"{len(idx)} samples, fewer than the {cfg.min_class_size} needed",
         ), None
-    seed = cfg.seed + int(c)
+    seed = cfg.seed + c
     cands = _candidates(f, cfg, seed)
     if not cands:  # every sample of the class has the same activations
         return ClassResult(
-            int(c),
+            c,
             len(idx),
             "skipped",
             reason=f"all {len(idx)} samples have identical activations; nothing to cluster",
@@ -339,11 +339,11 @@ def _detect_class(
     cheap = tuple(a for a in rule if a != "transfer")
     for cand in cands:
         if "distance" in rule:
-            cand.distance, cand.nearest = _distance(f, cand.members, medians, int(c))
+            cand.distance, cand.nearest = _distance(f, cand.members, medians, c)
         pre = _votes(cand, cfg, cheap)
         if transfer is not None and "transfer" in rule and all(pre.values()):
             cand.transfer, cand.source, cand.trigger, cand.rates = transfer(
-                idx[cand.members], int(c), seed
+                idx[cand.members], c, seed
             )
     passing = [cd for cd in cands if all(_votes(cd, cfg, rule).get(a, False) for a in rule)]
     poisoned = bool(passing)
@@ -374,7 +374,7 @@ def _detect_class(
         if carried is not None:
             members, refined = carried, True
     if best.distance is None:
-        best.distance, best.nearest = _distance(f, best.members, medians, int(c))
+        best.distance, best.nearest = _distance(f, best.members, medians, c)
     votes = _votes(best, cfg)
     # Membership: how much nearer a sample sits to the candidate centre than to the rest.
     d_c = np.linalg.norm(z - z[members].mean(axis=0), axis=1)
@@ -389,7 +389,7 @@ def _detect_class(
             source = best.nearest
     sizes = np.bincount(fit.labels, minlength=fit.k)
     return ClassResult(
-        label=int(c),
+        label=c,
         n_samples=len(idx),
         verdict="poisoned" if poisoned else "clean",
         cluster_sizes=[int(s) for s in sizes],
