@@ -1,11 +1,11 @@
 """Rewrites of the exported graph that change how ONNX Runtime runs it, never what it computes.
 
 ONNX Runtime's CPU provider runs a one-dimensional ``Conv`` (text and audio models: input
-``[N, C, T]``, weight ``[O, C/g, k]``) through a generic path that is about 3.5x slower than its
+``[N, C, T]``, weight ``[O, C/g, k]``) through a generic path that is about 1.8x slower than its
 two-dimensional convolution on the same numbers (benchmarks/RESULTS.md, the Rotten Tomatoes
 text CNN). :func:`conv1d_as_conv2d` turns each such node into Unsqueeze -> Conv (a ``1 x k``
-kernel on ``[N, C, 1, T]``) -> Squeeze: the same sums in the same order of terms per output,
-results equal to float rounding.
+kernel on ``[N, C, 1, T]``) -> Squeeze: the same sums, results equal to float rounding
+(tests/test_graph.py).
 """
 
 from __future__ import annotations
