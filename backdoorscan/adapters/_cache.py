@@ -134,3 +134,16 @@ def store(key: str, export: OnnxExport) -> Path | None:
         return atomic_write(path, lambda tmp: tmp.write_bytes(export.model_bytes))
     except OSError:
         return None
+
+
+def cached(key: str | None, make: Callable[[], OnnxExport]) -> OnnxExport:
+    """The export stored under ``key``; else ``make()``, its metadata embedded, stored under
+    ``key`` (no key: a model with no file to hash, made and not stored)."""
+    if key is not None:
+        hit = load(key)
+        if hit is not None:
+            return hit
+    export = embed_metadata(make())
+    if key is not None:
+        store(key, export)
+    return export

@@ -154,13 +154,7 @@ class KerasAdapter:
                 backend=keras.backend.backend(),
                 backend_version=_backend_version(keras),
             )
-            hit = _cache.load(key)
-            if hit is not None:
-                return hit
-        export = _cache.embed_metadata(self._export(layer))
-        if key is not None:
-            _cache.store(key, export)
-        return export
+        return _cache.cached(key, lambda: self._export(layer))
 
     def fit(
         self,

@@ -710,14 +710,7 @@ class TorchAdapter:
                 onnx=onnx.__version__,
                 **self._cache_parts,
             )
-            hit = _cache.load(key)
-            if hit is not None:
-                return hit
-        export = self._export(layer, shape)
-        export = _cache.embed_metadata(export)
-        if key is not None:
-            _cache.store(key, export)
-        return export
+        return _cache.cached(key, lambda: self._export(layer, shape))
 
     def fit(
         self,
