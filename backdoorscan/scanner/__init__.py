@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -12,6 +11,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from backdoorscan import adapters
+from backdoorscan.adapters import _cache
 from backdoorscan.adapters.base import Adapter, OnnxExport
 from backdoorscan.scanner.budget import MemoryBudgetError, check_memory, machine_memory
 from backdoorscan.scanner.config import DetectConfig
@@ -31,6 +31,7 @@ __all__ = [
     "ExtractionError",
     "MemoryBudgetError",
     "Report",
+    "describe_inputs",
     "detect",
     "prepare",
     "scan",
@@ -38,13 +39,18 @@ __all__ = [
 ]
 
 
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
+sha256_file = _cache.file_sha256  # hex sha256 of a file, read in chunks
+
+
+def describe_inputs(report: Report, model: Any, data: Any, labels: Any) -> None:
+    """Record the paths and sha256 of the model, data and labels files (not of arrays or
+    in-memory models) in the report."""
+    if isinstance(model, (str, Path)):
+        report.model |= {"path": str(model), "sha256": sha256_file(model)}
+    if isinstance(data, (str, Path)):
+        report.data |= {"path": str(data), "sha256": sha256_file(data)}
+        if labels is not None:
+            report.data["labels_sha256"] = sha256_file(labels)
 
 
 def prepare(
@@ -153,13 +159,8 @@ def scan(
         "feature_dim": int(acts.features.shape[1]),
         "num_classes": acts.num_classes,
     }
-    if isinstance(model, (str, Path)):
-        report.model |= {"path": str(model), "sha256": sha256_file(model)}
     report.data |= {"source": ds.source, "n_samples": len(ds)}
-    if isinstance(data, (str, Path)):
-        report.data |= {"path": str(data), "sha256": sha256_file(data)}
-        if labels is not None:
-            report.data["labels_sha256"] = sha256_file(labels)
+    describe_inputs(report, model, data, labels)
     agree = float((acts.predictions == ds.y).mean())
     report.data["model_agreement"] = round(agree, 6)
     report.notes.extend(export.notes + ds.notes)

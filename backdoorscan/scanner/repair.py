@@ -253,7 +253,7 @@ def repair(
     and the measured effect. A model that cannot be trained gets its cleaned data set written to
     ``output`` (``.npz``: x, y, changed, removed, original_index) instead.
     """
-    from backdoorscan.scanner import scan
+    from backdoorscan.scanner import describe_inputs, scan
 
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, not {strategy!r}")
@@ -293,7 +293,7 @@ def repair(
             exre=exre,
             **norm,
         )
-        _describe_inputs(report, model, data, labels)
+        describe_inputs(report, model, data, labels)
     else:
         conform(ds, export.input_shape, export.input_dtype, export.num_classes, **norm)
     if report.verdict != "backdoor":
@@ -406,15 +406,3 @@ def _nothing_to_do(report: Report, strategy: str) -> Report:
         "metrics": {"measured": False, "note": "nothing repaired, nothing measured"},
     }
     return report
-
-
-def _describe_inputs(report: Report, model: Any, data: Any, labels: Any) -> None:
-    """The model's and data's paths and hashes, as scan() records them for files."""
-    from backdoorscan.scanner import sha256_file
-
-    if isinstance(model, (str, Path)):
-        report.model |= {"path": str(model), "sha256": sha256_file(model)}
-    if isinstance(data, (str, Path)):
-        report.data |= {"path": str(data), "sha256": sha256_file(data)}
-        if labels is not None:
-            report.data["labels_sha256"] = sha256_file(labels)
