@@ -274,6 +274,15 @@ def run_art_configs(
     return results
 
 
+def art_options(art_key: str) -> dict[str, Any]:
+    """``run_art`` keywords that reproduce one ART result key: ``art:LAYER:REDUCE:ANALYSIS``
+    (ART's own analysis), or with ``:reapplied`` (the documented rule re-applied to the
+    clustering of a ``smaller`` run)."""
+    _, layer, reduce, analysis, *rest = art_key.split(":")
+    analyses, reapply = ((analysis,), ()) if not rest else (("smaller",), (analysis,))
+    return {"layer": layer, "reduce": reduce, "analyses": analyses, "reapply": reapply}
+
+
 def timing_runs(
     sc: Scenario,
     art_key: str | None,
@@ -299,21 +308,10 @@ def timing_runs(
         out["bds_cpu"].append(time.process_time() - c)
         if art_key is None:
             continue
-        _, layer, reduce, analysis, *rest = art_key.split(":")
-        analyses, reapply = ((analysis,), ()) if not rest else (("smaller",), (analysis,))
         w, c = time.perf_counter(), time.process_time()
         with np.load(sc.folder / "train.npz", allow_pickle=False) as z:
             x = z["x"]
-        art_runner.run_art(
-            model_loader(sc.folder),
-            x,
-            sc.y,
-            layer=layer,
-            reduce=reduce,
-            seed=seed,
-            analyses=analyses,
-            reapply=reapply,
-        )
+        art_runner.run_art(model_loader(sc.folder), x, sc.y, seed=seed, **art_options(art_key))
         out["art_wall"].append(time.perf_counter() - w)
         out["art_cpu"].append(time.process_time() - c)
         del x
@@ -329,8 +327,7 @@ from benchmarks.scenarios import load_model
 folder = {folder!r}
 with np.load(folder + "/train.npz", allow_pickle=False) as z:
     x, y = z["x"], z["y"]
-art_runner.run_art(load_model(folder), x, y, layer={layer!r}, reduce={reduce!r}, seed={seed},
-                   analyses={analyses!r}, reapply={reapply!r})
+art_runner.run_art(load_model(folder), x, y, seed={seed}, **{options!r})
 """
 
 
@@ -360,17 +357,12 @@ def cold_runs(sc: Scenario, art_key: str | None, repeats: int, seed: int = 0) ->
         ours += ["-o", str(Path(tmp) / "report.json"), "--seed", str(seed)]
         art_cmd = None
         if art_key is not None:
-            _, layer, reduce, analysis, *rest = art_key.split(":")
-            analyses, reapply = ((analysis,), ()) if not rest else (("smaller",), (analysis,))
             script = _ART_COLD.format(
                 root=str(ROOT),
                 threads=min(2, os.cpu_count() or 1),
                 folder=str(sc.folder),
-                layer=layer,
-                reduce=reduce,
                 seed=seed,
-                analyses=analyses,
-                reapply=reapply,
+                options=art_options(art_key),
             )
             art_cmd = [sys.executable, "-c", script]
         for _ in range(repeats):
