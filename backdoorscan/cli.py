@@ -16,14 +16,10 @@ from typing import Any
 
 import click
 
-from backdoorscan import __version__
+from backdoorscan._io import atomic_write_bytes, atomic_write_text
+from backdoorscan._version import __version__
 from backdoorscan.scanner.config import DetectConfig
-from backdoorscan.scanner.report import (
-    EXIT_ERROR,
-    EXIT_USAGE,
-    Report,
-    atomic_write_text,
-)
+from backdoorscan.scanner.report import EXIT_ERROR, EXIT_USAGE, Report
 
 DEMO_DIR = Path(__file__).parent / "data"
 
@@ -688,7 +684,6 @@ def export(
       backdoorscan export model.keras -o model.onnx
     """
     from backdoorscan import adapters
-    from backdoorscan.scanner.report import atomic_write_bytes
 
     kwargs = _adapter_kwargs(arch, arch_kwargs, input_shape)
     with _errors():

@@ -21,8 +21,8 @@ import hostile
 import numpy as np
 import pytest
 
+from backdoorscan._io import atomic_write_text
 from backdoorscan.scanner import scan
-from backdoorscan.scanner.report import atomic_write_text
 
 
 def _digest(path: Path) -> tuple[str, int]:

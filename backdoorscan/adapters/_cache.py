@@ -1,4 +1,4 @@
-"""Cache of exported ONNX graphs, and atomic file writes shared by the framework adapters.
+"""Cache of exported ONNX graphs.
 
 Exporting a PyTorch or Keras model to ONNX takes seconds; scanning the same file again (another
 data set, other settings) should not pay for it twice. An entry is keyed by the model file's
@@ -9,17 +9,15 @@ In-memory models have no file to hash and are never cached.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from backdoorscan._io import atomic_write
 from backdoorscan.adapters.base import OnnxExport
-from backdoorscan.scanner.report import file_mode
 
 # Bump when the layout of an export changes, so that older entries are not reused.
 CACHE_FORMAT = 1
@@ -34,43 +32,12 @@ def cache_dir() -> Path:
     return Path.home() / ".cache" / "backdoorscan" / "onnx"
 
 
-def file_sha256(path: str | Path) -> str:
-    """Hex sha256 of a file, read in chunks so that large checkpoints do not fill memory."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def make_key(model_sha256: str, **parts: Any) -> str:
     """A cache key for one export of one model file; ``parts`` are what else shapes the export."""
     blob = json.dumps(
         {"format": CACHE_FORMAT, "model": model_sha256, **parts}, sort_keys=True, default=repr
     )
     return hashlib.sha256(blob.encode()).hexdigest()
-
-
-def atomic_write(path: str | Path, write: Callable[[Path], None], suffix: str = ".tmp") -> Path:
-    """Call ``write(tmp)`` on a temporary file beside ``path``, then move it into place.
-
-    Readers never see a half-written file: the rename is atomic within a folder. ``suffix`` is
-    there for writers that insist on a file extension (Keras wants ``.keras``).
-    """
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=suffix)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        write(tmp)
-        os.chmod(tmp, file_mode())  # mkstemp's 0o600 would outlive the rename
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    return target
 
 
 def embed_metadata(export: OnnxExport) -> OnnxExport:
@@ -131,7 +98,9 @@ def store(key: str, export: OnnxExport) -> Path | None:
     """
     path = cache_dir() / f"{key}.onnx"
     try:
-        return atomic_write(path, lambda tmp: tmp.write_bytes(export.model_bytes))
+        return atomic_write(
+            path, lambda tmp: tmp.write_bytes(export.model_bytes), make_parents=True
+        )
     except OSError:
         return None
 

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from backdoorscan._io import atomic_write, sha256_file
 from backdoorscan.adapters import _cache, _check
 from backdoorscan.adapters.base import AdapterError, OnnxExport
 
@@ -99,7 +100,7 @@ def load(path: str | Path, **_ignored: Any) -> KerasAdapter:
         raise AdapterError(f"cannot load {p.name} as a Keras model: {msg}") from e
     if not isinstance(model, keras.Model):
         raise AdapterError(f"{p.name} holds a {type(model).__name__}, not a keras.Model")
-    return KerasAdapter(model, source=p, sha256=_cache.file_sha256(p))
+    return KerasAdapter(model, source=p, sha256=sha256_file(p))
 
 
 def _require_keras_h5(p: Path) -> None:
@@ -215,7 +216,7 @@ class KerasAdapter:
         target = Path(path)
         if target.suffix.lower() != ".keras":
             raise AdapterError(f"Keras models are saved as .keras files, got {target.name}")
-        return _cache.atomic_write(target, lambda tmp: self.model.save(tmp), suffix=".keras")
+        return atomic_write(target, lambda tmp: self.model.save(tmp), suffix=".keras")
 
     # -- extras ---------------------------------------------------------------------------
 

@@ -431,7 +431,7 @@ class OnnxAdapter:
 
     def save(self, path: str | Path) -> Path:
         """Write the model as ONNX, atomically."""
-        from backdoorscan.scanner.report import atomic_write_bytes
+        from backdoorscan._io import atomic_write_bytes
 
         return atomic_write_bytes(Path(path), self.model.SerializeToString())
 

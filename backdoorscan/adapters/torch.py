@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from backdoorscan._io import atomic_write, sha256_file
 from backdoorscan.adapters import _cache, _check
 from backdoorscan.adapters.base import FEATURES, LOGITS, AdapterError, OnnxExport
 
@@ -134,7 +135,7 @@ def load(
         raise AdapterError(f"{p.name} is not a torch.export archive (torch.export.save output)")
     if suffix == ".ts" and kind != "script":
         raise AdapterError(f"{p.name} is not a TorchScript archive (torch.jit.save output)")
-    sha = _cache.file_sha256(p)
+    sha = sha256_file(p)
     if kind == "pt2":
         return _load_program(p, sha, shape, input_dtype)
     if kind == "script":
@@ -818,18 +819,18 @@ class TorchAdapter:
         target = Path(path)
         if self.kind == "module":
             state = {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()}
-            return _cache.atomic_write(target, lambda tmp: torch.save(state, tmp))
+            return atomic_write(target, lambda tmp: torch.save(state, tmp))
         if self.kind == "script":
 
             def write_script(tmp: Path) -> None:
                 with _quiet():  # torch deprecates TorchScript; this file came in as TorchScript
                     torch.jit.save(self.module, str(tmp))
 
-            return _cache.atomic_write(target, write_script)
+            return atomic_write(target, write_script)
         raw = self._raw
         if raw is not None:
-            return _cache.atomic_write(target, lambda tmp: tmp.write_bytes(raw))
-        return _cache.atomic_write(target, lambda tmp: torch.export.save(self.program, str(tmp)))
+            return atomic_write(target, lambda tmp: tmp.write_bytes(raw))
+        return atomic_write(target, lambda tmp: torch.export.save(self.program, str(tmp)))
 
     # -- extras used by the CLI and by exclusionary reclassification ------------------------
 

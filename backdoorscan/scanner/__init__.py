@@ -11,7 +11,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from backdoorscan import adapters
-from backdoorscan.adapters import _cache
+from backdoorscan._io import sha256_file
 from backdoorscan.adapters.base import Adapter, OnnxExport
 from backdoorscan.scanner.budget import MemoryBudgetError, check_memory, machine_memory
 from backdoorscan.scanner.config import DetectConfig
@@ -37,9 +37,6 @@ __all__ = [
     "scan",
     "sha256_file",
 ]
-
-
-sha256_file = _cache.file_sha256  # hex sha256 of a file, read in chunks
 
 
 def describe_inputs(report: Report, model: Any, data: Any, labels: Any) -> None:

@@ -32,7 +32,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from backdoorscan import __version__
+from backdoorscan._version import __version__
 from backdoorscan.kernels import fastica, kmeans, pca, silhouette_score
 from backdoorscan.scanner.config import ANALYSES, DetectConfig
 from backdoorscan.scanner.report import ClassResult, Report

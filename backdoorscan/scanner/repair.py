@@ -26,14 +26,10 @@ from typing import Any
 import numpy as np
 
 from backdoorscan import adapters
+from backdoorscan._io import atomic_write_bytes
 from backdoorscan.adapters.base import Adapter, OnnxExport
 from backdoorscan.scanner.data import DataError, Dataset, conform, from_arrays, load_data
-from backdoorscan.scanner.report import (
-    EXIT_CLEAN,
-    EXIT_NOTHING,
-    Report,
-    atomic_write_bytes,
-)
+from backdoorscan.scanner.report import EXIT_CLEAN, EXIT_NOTHING, Report
 
 __all__ = ["STRATEGIES", "exit_code", "measure", "plan_repair", "repair"]
 
