@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 
@@ -43,16 +43,71 @@ class OnnxExport:
     features_name: str = FEATURES
 
 
+@dataclass(frozen=True)
+class LayerInfo:
+    """A candidate hidden layer: what ``--layer`` takes, its operator or module type, its
+    per-sample shape (``None`` or a name where unknown), and whether the scan clusters it by
+    default."""
+
+    name: str
+    op_type: str
+    shape: tuple[int | str | None, ...]
+    default: bool = False
+
+
+def mark_default(
+    rows: list[LayerInfo], producer: str | None, head: str | None, shape: tuple
+) -> list[LayerInfo]:
+    """Mark the row whose output is the default features, or insert ``input of HEAD`` before it.
+
+    ``producer`` is the path whose output the head reads (None when the features come from a
+    functional op); ``shape`` is the features' per-sample shape for an inserted row.
+    """
+    if producer is not None and any(r.name == producer for r in rows):
+        return [LayerInfo(r.name, r.op_type, tuple(r.shape), r.name == producer) for r in rows]
+    if head is None:
+        return rows
+    row = LayerInfo(f"input of {head}", "(features)", tuple(shape), default=True)
+    at = next((i for i, r in enumerate(rows) if r.name == head), len(rows))
+    return [*rows[:at], row, *rows[at:]]
+
+
 @runtime_checkable
 class Adapter(Protocol):
-    """What the scanner and repair need from a framework."""
+    """What every caller needs from a model, whatever its framework.
+
+    ``can_fit`` says whether the adapter also fulfils :class:`Retrainable`; where it does not,
+    ``fit_reason`` says why in words a user can act on (empty otherwise).
+    """
 
     framework: str
     can_fit: bool
+    fit_reason: str
 
     def to_onnx(self, layer: str | None = None) -> OnnxExport:
         """Export the model with its penultimate (or the named) layer as output ``features``."""
         ...
+
+    def layers(self) -> list[LayerInfo]:
+        """The hidden layers that can be clustered, in graph order; the default one marked."""
+        ...
+
+    def predict_logits(self, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
+        """The model's logits for ``x`` (samples as the model takes them)."""
+        ...
+
+    def clone(self) -> Adapter:
+        """An independent copy (same weights) that can be changed without touching this one."""
+        ...
+
+    def save(self, path: str | Path) -> Path:
+        """Write the model in its original format, atomically; returns the path written."""
+        ...
+
+
+@runtime_checkable
+class Retrainable(Adapter, Protocol):
+    """What only adapters whose framework can train do (repair and ExRe 'full' need it)."""
 
     def fit(
         self,
@@ -63,15 +118,14 @@ class Adapter(Protocol):
         batch_size: int = 128,
         lr: float = 1e-3,
         seed: int = 0,
-        **kwargs: Any,
     ) -> None:
-        """Continue training the loaded weights on (x, y); raises AdapterError where impossible."""
+        """Continue training the current weights on (x, y); raises AdapterError where impossible."""
         ...
 
-    def clone(self) -> Adapter:
+    def reinitialize(self, seed: int = 0) -> None:
+        """Draw fresh weights (seeded), as before training: ExRe 'full' retrains from scratch."""
+        ...
+
+    def clone(self) -> Retrainable:
         """An independent copy (same weights) that can be trained without touching this one."""
-        ...
-
-    def save(self, path: str | Path) -> Path:
-        """Write the model in its original format, atomically; returns the path written."""
         ...
