@@ -17,7 +17,7 @@ ENV PATH=/opt/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/
     PIP_NO_CACHE_DIR=1 \
     PIP_ROOT_USER_ACTION=ignore
 WORKDIR /src
-COPY pyproject.toml README.md* LICENSE* ./
+COPY pyproject.toml README.md LICENSE ./
 COPY backdoorscan/ backdoorscan/
 # Build the wheel, install it with its dependencies into /opt/venv (the only thing the final
 # stage takes), then precompile the bytecode (not the libraries' own tests): the image may run
@@ -53,6 +53,8 @@ ENV PATH=/opt/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1
 COPY --from=build /opt/venv /opt/venv
+# The license, where a Debian image keeps its packages' (the wheel's copy is in the venv too).
+COPY --from=build /src/LICENSE /usr/share/doc/backdoorscan/LICENSE
 # As root: the unprivileged user, its Numba cache folder, a start-up hook for read-only
 # containers (below), and with GPU=1 the pip-installed CUDA libraries on the loader's path.
 # The hook: Numba only uses a cache folder it can write to, so when NUMBA_CACHE_DIR is
