@@ -260,35 +260,45 @@ def detect_options(fn: Callable[..., Any]) -> Callable[..., Any]:
             show_default=True,
             callback=lambda _c, _p, v: _clusters(v),
             help="Values of k for k-means per class, comma-separated (every cluster of every "
-            "k is a candidate), or 'auto' (one k in 2..5 by silhouette).",
+            f"k that holds at most {_D.max_share:.0%} of its class is a candidate), or 'auto' "
+            f"(the smallest k in 2..{_D.max_clusters} whose silhouette is within 0.01 of the "
+            "best).",
         ),
         click.option(
             "--size-threshold",
             type=click.FloatRange(0, 1, min_open=True, max_open=True),
             default=_D.size_threshold,
             show_default=True,
-            help="A cluster smaller than this share of its class is a candidate.",
+            help="The size analysis (the paper's rule): a candidate cluster holding less than "
+            "this share of its class votes 'small'. It decides where the rule names size "
+            "(--rule, or the size,separation fallback when the transfer test cannot run); "
+            f"every cluster of at most {_D.max_share:.0%} of its class is a candidate.",
         ),
         click.option(
             "--separation-threshold",
             type=click.FloatRange(0),
             default=_D.separation_threshold,
             show_default=True,
-            help="Gap (pooled std) above which a cluster is apart.",
+            help="The separation analysis: a candidate whose gap to the rest of its class, "
+            "along the line joining their means, is at least this many pooled standard "
+            "deviations votes 'apart'. It decides where the rule names separation (see "
+            "--size-threshold).",
         ),
         click.option(
             "--transfer-threshold",
             type=click.FloatRange(0, 1),
             default=_D.transfer_threshold,
             show_default=True,
-            help="Share of a class that the cluster's stamped perturbation must flip to its label.",
+            help="The transfer analysis: a candidate is poison when at least this share of "
+            "other classes' samples, stamped with the perturbation its samples share, is "
+            "classified as its label by the model.",
         ),
         click.option(
             "--rule",
             default=",".join(_D.rule),
             show_default=True,
-            help="Analyses that must all agree to flag a class "
-            "(transfer, size, separation, silhouette, distance).",
+            help="Analyses that one candidate cluster must all pass to flag its class, "
+            "comma-separated (transfer, size, separation, silhouette, distance).",
         ),
         click.option(
             "--threads",
@@ -296,8 +306,9 @@ def detect_options(fn: Callable[..., Any]) -> Callable[..., Any]:
             type=click.IntRange(0),
             default=_D.n_jobs,
             show_default=True,
-            help="CPU threads for the model and the per-class analysis (0: every core this "
-            "process may use). The report does not depend on it.",
+            help="CPU threads for the model (ONNX Runtime) and for the per-class analysis, "
+            "one class per thread (0: ONNX Runtime's default for the model, every core this "
+            "process may use for the classes). The report does not depend on it.",
         ),
         click.option("--seed", type=int, default=_D.seed, show_default=True, help="Random seed."),
     ]
@@ -362,7 +373,8 @@ def output_options(fn: Callable[..., Any]) -> Callable[..., Any]:
             "--output",
             type=click.Path(dir_okay=False, path_type=Path),
             callback=_writable_output,
-            help="Write the report to this file (atomically) instead of stdout.",
+            help="Write the report to this file (atomically); stdout then gets the text "
+            "summary only (nothing with -q).",
         ),
         click.option("-q", "--quiet", is_flag=True, help="No progress bar, no summary."),
     ]
