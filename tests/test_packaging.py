@@ -55,6 +55,12 @@ def _copy_tree(dest: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    import setuptools
+
+    assert int(setuptools.__version__.split(".")[0]) >= 77, (
+        f"setuptools {setuptools.__version__} cannot build an SPDX license; "
+        "the test extra asks for >= 77"
+    )
     tmp = tmp_path_factory.mktemp("packaging")
     src = _copy_tree(tmp / "src")
     dist = tmp / "dist"
