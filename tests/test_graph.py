@@ -1,4 +1,5 @@
-"""The 1-D convolution rewrite: same outputs as the original graph, no 1-D Conv left behind."""
+"""The ONNX graph module: the 1-D convolution rewrite (same outputs as the original graph, no 1-D
+Conv left behind), the walks into subgraphs and functions, fresh names, dtypes, the head finder."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import backdoorscan
-from backdoorscan.scanner.graph import conv1d_as_conv2d
+from backdoorscan import onnx_graph as og
+from backdoorscan.onnx_graph import conv1d_as_conv2d
 
 
 def conv1d_model(
@@ -99,3 +101,75 @@ def test_rewrite_keeps_outputs_and_leaves_no_1d_conv(case: str) -> None:
 def test_graph_without_1d_conv_comes_back_unchanged() -> None:
     model_bytes = (Path(backdoorscan.__file__).parent / "data" / "demo.onnx").read_bytes()
     assert conv1d_as_conv2d(model_bytes) is model_bytes
+
+
+def _mlp(tail: list[str]) -> onnx.GraphProto:
+    """x [n, 4] -> Gemm -> Relu ("hidden") -> Gemm -> the ops named in ``tail`` -> output."""
+    rng = np.random.default_rng(0)
+    inits = [
+        numpy_helper.from_array(rng.normal(size=(4, 5)).astype(np.float32), "w1"),
+        numpy_helper.from_array(rng.normal(size=(5, 3)).astype(np.float32), "w2"),
+    ]
+    nodes = [
+        helper.make_node("Gemm", ["x", "w1"], ["g1"]),
+        helper.make_node("Relu", ["g1"], ["hidden"]),
+        helper.make_node("Gemm", ["hidden", "w2"], ["t0"]),
+    ]
+    for i, op in enumerate(tail):
+        nodes.append(helper.make_node(op, [f"t{i}"], [f"t{i + 1}"]))
+    out = f"t{len(tail)}"
+    return helper.make_graph(
+        nodes,
+        "mlp",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4])],
+        [helper.make_tensor_value_info(out, TensorProto.FLOAT, ["n", 3])],
+        initializer=inits,
+    )
+
+
+def test_find_head_walks_through_pass_through_ops_only() -> None:
+    head = og.find_head(_mlp(["Softmax", "Identity"]))
+    assert head.features == "hidden" and head.node.op_type == "Gemm"
+    with pytest.raises(og.NoHeadError) as missing:
+        og.find_head(_mlp(["Relu"]))  # a Relu on the logits is no pass-through operator
+    assert missing.value.walked == ["Relu"]
+    assert "walked back through Relu" in str(missing.value)
+
+
+def test_walks_enter_subgraphs_and_functions_and_names_stay_fresh() -> None:
+    branch = _mlp([])
+    cond = helper.make_tensor_value_info("c", TensorProto.BOOL, [])
+    outer = helper.make_graph(
+        [helper.make_node("If", ["c"], ["y"], then_branch=branch, else_branch=branch)],
+        "outer",
+        [cond],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+    )
+    function = helper.make_function(
+        "local",
+        "f",
+        ["a"],
+        ["b"],
+        [helper.make_node("Neg", ["a"], ["b"])],
+        [helper.make_opsetid("", 17)],
+    )
+    model = helper.make_model(outer, functions=[function])
+    assert len(list(og.subgraphs(outer))) == 3
+    ops = [n.op_type for n in og.all_nodes(model)]
+    assert ops.count("Gemm") == 4 and ops[0] == "If" and ops[-1] == "Neg"
+    assert len(list(og.all_tensors(model))) == 4  # the branches' weights
+    taken = og.taken_names(branch)
+    assert og.fresh_name("hidden", taken) == "hidden_1" and "hidden_1" in taken
+    assert og.fresh_name("hidden", taken) == "hidden_2"
+    assert og.fresh_name("new", taken) == "new"
+
+
+def test_dtype_tables_agree() -> None:
+    for elem, name in og.NUMPY_DTYPES.items():
+        assert og.onnx_dtype(name) == elem and og.numpy_dtype(elem) == name
+        assert og.ITEMSIZE[elem] == np.dtype(name).itemsize
+    assert (
+        og.numpy_dtype(TensorProto.STRING) is None and og.type_name(TensorProto.STRING) == "STRING"
+    )
+    with pytest.raises(ValueError):
+        og.onnx_dtype(np.complex64)

@@ -2,48 +2,29 @@
 
 The penultimate tensor is found by walking back from the logits output through the operators
 that only reshape or normalise (Softmax, Add, Flatten, Reshape, Identity, ...) to the last
-Gemm/MatMul; its data input is the hidden layer. The tensor is added as a graph output named
-``features``, flattened per sample. Custom-op domains and external data outside the model's
-folder are refused: a model file is untrusted input.
+Gemm/MatMul; its data input is the hidden layer (``backdoorscan.onnx_graph.find_head``). The
+tensor is added as a graph output named ``features``, flattened per sample. Custom-op domains
+and external data outside the model's folder are refused: a model file is untrusted input.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from backdoorscan.adapters.base import FEATURES, LOGITS, AdapterError, OnnxExport
+from backdoorscan import onnx_graph as og
+from backdoorscan.adapters import _check
+from backdoorscan.adapters.base import FEATURES, LOGITS, AdapterError, LayerInfo, OnnxExport
 
 # Operator domains ONNX Runtime implements itself; anything else needs a custom-op library.
 STANDARD_DOMAINS = frozenset(
     {"", "ai.onnx", "ai.onnx.ml", "com.microsoft", "ai.onnx.preview.training"}
 )
-# Operators that sit between the last linear layer and the logits without changing what it means.
-PASS_THROUGH = frozenset(
-    {
-        "Softmax",
-        "LogSoftmax",
-        "Add",
-        "Sub",
-        "Flatten",
-        "Reshape",
-        "Identity",
-        "Cast",
-        "Squeeze",
-        "Unsqueeze",
-        "Mul",
-        "Div",
-        "Sigmoid",
-        "Dropout",
-    }
-)
-LINEAR_OPS = frozenset({"Gemm", "MatMul"})
 # Operators whose outputs `layers` lists as candidate hidden tensors.
 HIDDEN_OPS = frozenset(
     {
@@ -78,27 +59,6 @@ HIDDEN_OPS = frozenset(
 )
 MAX_MODEL_BYTES = 4 << 30
 
-_NP_DTYPES = {
-    TensorProto.FLOAT: "float32",
-    TensorProto.DOUBLE: "float64",
-    TensorProto.FLOAT16: "float16",
-    TensorProto.INT64: "int64",
-    TensorProto.INT32: "int32",
-    TensorProto.UINT8: "uint8",
-    TensorProto.INT8: "int8",
-    TensorProto.BOOL: "bool",
-}
-
-
-@dataclass(frozen=True)
-class LayerInfo:
-    """A candidate hidden tensor: its name, the operator making it, its per-sample shape."""
-
-    name: str
-    op_type: str
-    shape: tuple[int | str | None, ...]
-    default: bool = False
-
 
 def read_model(path: str | Path) -> onnx.ModelProto:
     """Parse an ONNX file without trusting it: no custom ops, external data inside its folder."""
@@ -121,7 +81,7 @@ def read_model(path: str | Path) -> onnx.ModelProto:
     if len(model.graph.node) == 0 and len(model.graph.output) == 0:
         raise AdapterError(f"{p.name} is not an ONNX model: it holds no graph")
     _check_external_data(model, p.parent)
-    if any(t.data_location == TensorProto.EXTERNAL for t in _all_initializers(model)):
+    if any(t.data_location == TensorProto.EXTERNAL for t in og.all_tensors(model)):
         from onnx.external_data_helper import load_external_data_for_model
 
         try:
@@ -131,17 +91,9 @@ def read_model(path: str | Path) -> onnx.ModelProto:
     return model
 
 
-def _all_initializers(model: onnx.ModelProto) -> Iterable[onnx.TensorProto]:
-    yield from model.graph.initializer
-    for node in model.graph.node:
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.TENSOR:
-                yield attr.t
-
-
 def _check_external_data(model: onnx.ModelProto, folder: Path) -> None:
     root = folder.resolve()
-    for tensor in _all_initializers(model):
+    for tensor in og.all_tensors(model):
         if tensor.data_location != TensorProto.EXTERNAL:
             continue
         entries = {e.key: e.value for e in tensor.external_data}
@@ -166,7 +118,7 @@ def _check_external_data(model: onnx.ModelProto, folder: Path) -> None:
 def check_domains(model: onnx.ModelProto) -> None:
     """Refuse operators from domains that would need a custom-op library to run."""
     local = {f.domain for f in model.functions}
-    custom = sorted({n.domain for n in _all_nodes(model.graph)} - STANDARD_DOMAINS - local)
+    custom = sorted({n.domain for n in og.all_nodes(model.graph)} - STANDARD_DOMAINS - local)
     if custom:
         raise AdapterError(
             f"model uses custom operator domain(s) {', '.join(custom)}; backdoorscan does not load "
@@ -177,7 +129,7 @@ def check_domains(model: onnx.ModelProto) -> None:
 def check_text(model: onnx.ModelProto) -> None:
     """Refuse a model whose names are not valid UTF-8 (protobuf then hands out bytes, not str)."""
     texts: list[object] = [d.domain for d in model.opset_import]
-    for graph in _all_graphs(model.graph):
+    for graph in og.subgraphs(model.graph):
         for vi in [*graph.input, *graph.output, *graph.value_info]:
             texts.append(vi.name)
         texts.extend(t.name for t in graph.initializer)
@@ -192,47 +144,14 @@ def check_text(model: onnx.ModelProto) -> None:
         raise AdapterError("the model holds names that are not valid UTF-8 text; it is damaged")
 
 
-def _all_graphs(graph: onnx.GraphProto) -> Iterable[onnx.GraphProto]:
-    yield graph
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                yield from _all_graphs(attr.g)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for g in attr.graphs:
-                    yield from _all_graphs(g)
-
-
-def _all_nodes(graph: onnx.GraphProto) -> Iterable[onnx.NodeProto]:
-    for node in graph.node:
-        yield node
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                yield from _all_nodes(attr.g)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for g in attr.graphs:
-                    yield from _all_nodes(g)
-
-
-def _dims(vi: onnx.ValueInfoProto) -> tuple[int | str | None, ...] | None:
-    if not vi.type.HasField("tensor_type") or not vi.type.tensor_type.HasField("shape"):
-        return None
-    out: list[int | str | None] = []
-    for d in vi.type.tensor_type.shape.dim:
-        if d.HasField("dim_value"):
-            out.append(int(d.dim_value))
-        elif d.HasField("dim_param"):
-            out.append(d.dim_param)
-        else:
-            out.append(None)
-    return tuple(out)
-
-
 class OnnxAdapter:
     """An ONNX classifier scanned as it is; it cannot be retrained (repair writes data instead)."""
 
     framework = "onnx"
     can_fit = False
+    fit_reason = (
+        "a bare ONNX model cannot be retrained; repair writes the relabelled data set instead"
+    )
 
     def __init__(self, model: onnx.ModelProto, *, source: Path | None = None) -> None:
         check_text(model)
@@ -250,8 +169,9 @@ class OnnxAdapter:
             )
         if len(graph.output) == 0:
             raise AdapterError("model has no outputs")
-        self._producer = {out: node for node in graph.node for out in node.output}
+        self._producer = og.producers(graph)
         self._inferred: onnx.ModelProto | None = None
+        self._logits_session: Any = None  # onnxruntime.InferenceSession, made on first predict
 
     # -- inspection ---------------------------------------------------------------------------
     @property
@@ -272,36 +192,19 @@ class OnnxAdapter:
         g = self._inferred.graph
         shapes: dict[str, tuple[int | str | None, ...]] = {}
         for vi in [*g.input, *g.value_info, *g.output]:
-            dims = _dims(vi)
+            dims = og.dims(vi)
             if dims is not None:
                 shapes[vi.name] = dims
         return shapes
 
     def default_layer(self) -> str:
         """The data input of the last Gemm/MatMul that feeds the logits."""
-        initializers = {t.name for t in self.model.graph.initializer}
-        constants = {
-            n.output[0] for n in self.model.graph.node if n.op_type == "Constant" and n.output
-        }
-        static = initializers | constants
-        name = self.logits_name
-        seen: list[str] = []
-        for _ in range(64):
-            node = self._producer.get(name)
-            if node is None:
-                break
-            seen.append(node.op_type)
-            data_inputs = [i for i in node.input if i and i not in static]
-            if node.op_type in LINEAR_OPS and data_inputs:
-                return data_inputs[0]
-            if node.op_type not in PASS_THROUGH or len(data_inputs) != 1:
-                break
-            name = data_inputs[0]
-        path = " <- ".join(seen) or "nothing"
-        raise AdapterError(
-            f"no linear head found behind output {self.logits_name!r} (walked back through "
-            f"{path}); name the hidden tensor with --layer (see `backdoorscan layers MODEL`)"
-        )
+        try:
+            return og.find_head(self.model.graph, self.logits_name).features
+        except og.NoHeadError as e:
+            raise AdapterError(
+                f"{e}; name the hidden tensor with --layer (see `backdoorscan layers MODEL`)"
+            ) from None
 
     def layers(self) -> list[LayerInfo]:
         """Candidate hidden tensors in graph order, with per-sample shapes; the default marked."""
@@ -334,15 +237,16 @@ class OnnxAdapter:
 
     def input_spec(self) -> tuple[tuple[int | None, ...], str]:
         """Per-sample input shape (None where dynamic) and numpy dtype name."""
-        dims = _dims(self.input) or ()
+        dims = og.dims(self.input) or ()
         elem = self.input.type.tensor_type.elem_type
-        if elem not in _NP_DTYPES:
+        dtype = og.numpy_dtype(elem)
+        if dtype is None:
             raise AdapterError(
                 f"model input {self.input.name!r} has element type "
-                f"{_type_name(elem)}, which backdoorscan cannot feed"
+                f"{og.type_name(elem)}, which backdoorscan cannot feed"
             )
         shape = tuple(d if isinstance(d, int) and d > 0 else None for d in dims[1:])
-        return shape, _NP_DTYPES[elem]
+        return shape, dtype
 
     # -- export -------------------------------------------------------------------------------
     def to_onnx(self, layer: str | None = None) -> OnnxExport:
@@ -360,10 +264,9 @@ class OnnxAdapter:
         shapes = self._shapes()
         logits_src = self.logits_name
         _make_batch_dynamic(graph, self.input.name)
-        taken = {o for n in graph.node for o in n.output} | {i.name for i in graph.input}
-        taken |= {t.name for t in graph.initializer}
-        logits_out = _fresh(LOGITS, taken, keep=logits_src)
-        features_out = _fresh(FEATURES, taken | {logits_out}, keep=layer_name)
+        taken = og.taken_names(graph)
+        logits_out = LOGITS if logits_src == LOGITS else og.fresh_name(LOGITS, taken)
+        features_out = FEATURES if layer_name == FEATURES else og.fresh_name(FEATURES, taken)
         nodes = []
         if logits_out != logits_src:
             nodes.append(
@@ -381,7 +284,7 @@ class OnnxAdapter:
         if features_out != layer_name:
             nodes.append(op)
         graph.node.extend(nodes)
-        feature_dim = _prod(feat_shape[1:]) if feat_shape else None
+        feature_dim = og.shape_product(feat_shape[1:]) if feat_shape else None
         logits_shape = shapes.get(logits_src)
         num_classes = (
             logits_shape[-1]
@@ -416,12 +319,34 @@ class OnnxAdapter:
             features_name=features_out,
         )
 
+    def predict_logits(self, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
+        """The model's first output for ``x``, from ONNX Runtime on the CPU, as float32 rows."""
+        x = np.asarray(x)
+        if len(x) == 0:
+            return np.zeros((0, 0), dtype=np.float32)
+        if self._logits_session is None:
+            self._logits_session = _check.session(self._logits_graph())
+        _, dtype = self.input_spec()
+        step = max(int(batch_size), 1)
+        outs = []
+        for start in range(0, len(x), step):
+            xb = np.ascontiguousarray(x[start : start + step], dtype=dtype)
+            (logits,) = self._logits_session.run([self.logits_name], {self.input.name: xb})
+            outs.append(np.asarray(logits, dtype=np.float32).reshape(len(xb), -1))
+        return np.concatenate(outs)
+
+    def _logits_graph(self) -> bytes:
+        """A copy of the model with a free batch size and the logits as its only output."""
+        model = onnx.ModelProto()
+        model.CopyFrom(self.model)
+        _make_batch_dynamic(model.graph, self.input.name)
+        og.keep(model.graph.output, lambda o: o.name == self.logits_name)
+        return model.SerializeToString()
+
     # -- the Adapter contract for a framework that cannot train -------------------------------
     def fit(self, x: np.ndarray, y: np.ndarray, **kwargs: object) -> None:
         """ONNX models cannot be retrained here; repair writes the cleaned data set instead."""
-        raise AdapterError(
-            "a bare ONNX model cannot be retrained; repair writes the relabelled data set instead"
-        )
+        raise AdapterError(self.fit_reason)
 
     def clone(self) -> OnnxAdapter:
         """A copy sharing nothing mutable with this adapter."""
@@ -434,29 +359,6 @@ class OnnxAdapter:
         from backdoorscan._io import atomic_write_bytes
 
         return atomic_write_bytes(Path(path), self.model.SerializeToString())
-
-
-def _type_name(elem: int) -> str:
-    return TensorProto.DataType.Name(elem) if elem in TensorProto.DataType.values() else str(elem)
-
-
-def _fresh(base: str, taken: set[str], *, keep: str) -> str:
-    if keep == base:
-        return base
-    name, i = base, 1
-    while name in taken:
-        name = f"{base}_{i}"
-        i += 1
-    return name
-
-
-def _prod(dims: Iterable[int | str | None]) -> int | None:
-    total = 1
-    for d in dims:
-        if not isinstance(d, int):
-            return None
-        total *= d
-    return total
 
 
 def _make_batch_dynamic(graph: onnx.GraphProto, input_name: str) -> None:

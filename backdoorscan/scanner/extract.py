@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from backdoorscan.adapters.base import OnnxExport
+from backdoorscan.onnx_graph import conv1d_as_conv2d
 from backdoorscan.scanner.data import Dataset
-from backdoorscan.scanner.graph import conv1d_as_conv2d
 from backdoorscan.scanner.sketch import InputSketch
 
 # ONNX Runtime 1.31's Linux builds record a telemetry event per process (device id, OS, CPU,
