@@ -64,7 +64,8 @@ def test_sequential_model(tmp_path: Path) -> None:
     conv = adapter.to_onnx(layer="conv")  # a 4-D NHWC output, flattened per sample
     assert conv.feature_dim == 6 * 6 * 4
     _assert_matches(conv, model, "conv", feature_is_input=False)
-    assert adapter.layers()[0] == ("conv", "Conv2D", (6, 6, 4))
+    first = adapter.layers()[0]
+    assert (first.name, first.op_type, first.shape) == ("conv", "Conv2D", (6, 6, 4))
 
 
 def test_functional_model(tmp_path: Path) -> None:
@@ -175,6 +176,27 @@ def test_fit_save_reload_and_fit_again(tmp_path: Path) -> None:
     assert _accuracy(reloaded, x, y) == pytest.approx(after_one)  # the clone is independent
     with pytest.raises(AdapterError, match=r"saved as \.keras"):
         adapter.save(tmp_path / "fitted.h5")
+
+
+def test_reinitialize_draws_fresh_seeded_weights_that_train() -> None:
+    x, y = _digits()
+    x, y = x[:600], y[:600]
+    adapter = ka.from_model(models.keras_functional(softmax=False))
+    adapter.fit(x, y, epochs=3, batch_size=32, seed=0)
+    trained = [w.copy() for w in adapter.model.get_weights()]
+    trained_accuracy = _accuracy(adapter, x, y)
+    adapter.reinitialize(seed=3)
+    fresh = adapter.model.get_weights()
+    kernels = [i for i, w in enumerate(trained) if w.ndim == 2]
+    assert all(not np.allclose(fresh[i], trained[i]) for i in kernels)
+    reset_accuracy = _accuracy(adapter, x, y)
+    assert reset_accuracy < trained_accuracy
+    twin = ka.from_model(models.keras_functional(softmax=False))
+    twin.reinitialize(seed=3)  # the same seed draws the same weights
+    for a, b in zip(twin.model.get_weights(), fresh, strict=True):
+        np.testing.assert_array_equal(a, b)
+    adapter.fit(x, y, epochs=1, batch_size=32, seed=0)
+    assert _accuracy(adapter, x, y) > reset_accuracy
 
 
 def test_export_cache_skips_second_export(

@@ -22,6 +22,7 @@ from backdoorscan.adapters import Adapter, AdapterError, from_object  # noqa: E4
 from backdoorscan.adapters import load as load_any  # noqa: E402
 from backdoorscan.adapters import torch as ta  # noqa: E402
 from backdoorscan.adapters._check import session  # noqa: E402
+from backdoorscan.adapters.torch import _export as torch_export  # noqa: E402
 
 IMG = (1, 12, 12)
 # The tests write TorchScript files to load; torch deprecates writing them, not reading them.
@@ -119,7 +120,7 @@ def test_named_layer_in_residual_network(tmp_path: Path) -> None:
     block = adapter.to_onnx(layer="layer1.1")
     assert block.layer == "layer1.1" and block.feature_dim == 6 * 12 * 12
     _assert_matches(block, model, lambda m, t: m.layer1(m.stem(t).relu()))
-    shapes = {path: shape for path, _, shape in adapter.layers()}
+    shapes = {row.name: row.shape for row in adapter.layers()}
     assert shapes["layer1.1"] == (6, 12, 12) and shapes["fc"] == (10,)
 
 
@@ -174,7 +175,7 @@ def test_torch_export_archive(tmp_path: Path, dynamic: bool) -> None:
     _assert_matches(export, model, _cnn_penultimate)
     # fc2 reads fc1's output through a functional relu: the default gets a row of its own.
     rows = adapter.layers()
-    assert [name for name, _, _ in rows] == ["conv", "pool", "fc1", "input of fc2", "fc2"]
+    assert [row.name for row in rows] == ["conv", "pool", "fc1", "input of fc2", "fc2"]
     assert [row.name for row in rows if row.default] == ["input of fc2"]
     np.testing.assert_allclose(
         adapter.predict_logits(_images(7)), _eager(model, _images(7), _cnn_penultimate)[0],
@@ -435,13 +436,13 @@ def test_export_cache_skips_second_export(
     tmp_path: Path, _cache_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls = []
-    real = ta._export_onnx
+    real = torch_export.export_onnx
 
     def counting(*args, **kwargs):
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(ta, "_export_onnx", counting)
+    monkeypatch.setattr(torch_export, "export_onnx", counting)
     torch.manual_seed(0)
     path = _save_state(models.cnn(), tmp_path / "cnn.pt")
     first = ta.load(path, arch="models_for_tests:cnn", input_shape=IMG).to_onnx()

@@ -51,7 +51,7 @@ MODEL_CASES: dict[str, tuple[Builder, list[str], int, list[str]]] = {
         lambda f: hostile.random_bytes(f / "model.weights"),
         [],
         2,
-        ["not a readable ONNX model"],
+        ["model.weights has the extension '.weights'", "supported: ONNX .onnx", ".safetensors"],
     ),
     "empty file": (lambda f: _touch(f / "m.onnx"), [], 2, ["model file is empty"]),
     "custom op domain": (

@@ -9,17 +9,33 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from backdoorscan.adapters.base import FEATURES, LOGITS, Adapter, AdapterError, OnnxExport
+from backdoorscan.adapters.base import (
+    FEATURES,
+    LOGITS,
+    Adapter,
+    AdapterError,
+    LayerInfo,
+    OnnxExport,
+    Retrainable,
+)
 
-TORCH_SUFFIXES = {".pt", ".pth", ".bin", ".pkl", ".ts", ".pt2", ".ckpt"}
+ONNX_SUFFIXES = {".onnx"}
+TORCH_SUFFIXES = {".pt", ".pth", ".bin", ".pkl", ".ts", ".pt2", ".ckpt", ".safetensors"}
 KERAS_SUFFIXES = {".keras", ".h5", ".hdf5"}
+SUPPORTED_FORMATS = (
+    "ONNX .onnx; PyTorch .pt/.pth/.bin/.ckpt state dicts and .safetensors with --arch; "
+    "TorchScript .ts/.pt; torch.export .pt2; Keras .keras/.h5"
+)
 
 __all__ = [
     "FEATURES",
     "LOGITS",
+    "SUPPORTED_FORMATS",
     "Adapter",
     "AdapterError",
+    "LayerInfo",
     "OnnxExport",
+    "Retrainable",
     "from_object",
     "load",
 ]
@@ -29,11 +45,12 @@ def load(path: str | Path, **options: Any) -> Adapter:
     """Pick the adapter for a model file by its suffix and load the model without trusting it.
 
     ``options`` are passed to the framework's loader (``arch``, ``arch_kwargs``, ``input_shape``
-    for PyTorch state dicts); the ONNX adapter ignores the ones it does not need.
+    for PyTorch state dicts); the ONNX adapter ignores the ones it does not need. A suffix that
+    names no supported format is refused rather than guessed at.
     """
     p = Path(path)
     suffix = p.suffix.lower()
-    if suffix == ".onnx" or suffix not in TORCH_SUFFIXES | KERAS_SUFFIXES:
+    if suffix in ONNX_SUFFIXES:
         from backdoorscan.adapters import onnx as onnx_adapter
 
         return onnx_adapter.load(p)
@@ -41,9 +58,17 @@ def load(path: str | Path, **options: Any) -> Adapter:
         from backdoorscan.adapters import torch as torch_adapter
 
         return torch_adapter.load(p, **options)
-    from backdoorscan.adapters import keras as keras_adapter
+    if suffix in KERAS_SUFFIXES:
+        from backdoorscan.adapters import keras as keras_adapter
 
-    return keras_adapter.load(p, **options)
+        return keras_adapter.load(p, **options)
+    if not p.exists():
+        raise AdapterError(f"model file not found: {p}")
+    what = f"the extension {p.suffix!r}" if p.suffix else "no extension"
+    raise AdapterError(
+        f"{p.name} has {what}, which names no model format backdoorscan reads; "
+        f"supported: {SUPPORTED_FORMATS} (rename the file to its format's extension)"
+    )
 
 
 def from_object(model: Any, **options: Any) -> Adapter:

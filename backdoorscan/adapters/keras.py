@@ -27,16 +27,14 @@ import sys
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from backdoorscan._io import atomic_write, sha256_file
 from backdoorscan.adapters import _cache, _check
-from backdoorscan.adapters.base import AdapterError, OnnxExport
-
-if TYPE_CHECKING:
-    from backdoorscan.adapters.torch import LayerRow
+from backdoorscan.adapters._util import quiet
+from backdoorscan.adapters.base import AdapterError, LayerInfo, OnnxExport, mark_default
 
 
 def _keras() -> Any:
@@ -50,9 +48,9 @@ def _keras() -> Any:
         import keras
     except ImportError as e:
         raise AdapterError(
-            f"Keras models need keras 3 and a backend: pip install 'backdoorscan[keras,torch]' "
-            f"and set KERAS_BACKEND=torch ({e})"
-        ) from e
+            "Keras models need keras 3 and a backend, which are not installed: "
+            f'pip install "backdoorscan[keras,torch]" and set KERAS_BACKEND=torch ({e})'
+        ) from None
     if int(keras.__version__.split(".")[0]) < 3:
         raise AdapterError(f"Keras models need keras >= 3, found {keras.__version__}")
     return keras
@@ -211,23 +209,45 @@ class KerasAdapter:
                 twin = keras.saving.load_model(path, safe_mode=True, compile=False)
         return KerasAdapter(twin, source=self.source, sha256=self._sha256)
 
+    def reinitialize(self, seed: int = 0) -> None:
+        """Fresh weights for the same architecture, seeded: every initializer draws again.
+
+        Exclusionary reclassification retrains from scratch, as continuing from poisoned weights
+        keeps the backdoor. A clone of the model (``clone_model`` builds new layers from the
+        config) draws its weights under ``keras.utils.set_random_seed(seed)``; its weights are
+        copied into this model, so the model object and its layers stay the same.
+        """
+        keras = _keras()
+        keras.utils.set_random_seed(seed)
+        try:
+            fresh = keras.models.clone_model(self.model)
+        except Exception as e:  # subclassed models without a config
+            raise AdapterError(
+                f"cannot re-initialise the Keras model ({type(e).__name__}: {e}); retraining "
+                "from scratch needs a Functional or Sequential model"
+            ) from None
+        if not fresh.built:
+            fresh.build(self.model.inputs[0].shape if self.model.inputs else None)
+        self.model.set_weights(fresh.get_weights())
+        self._sha256 = None  # the weights no longer match the file: never reuse its cached export
+
     def save(self, path: str | Path) -> Path:
-        """Write the model as a ``.keras`` archive, atomically."""
+        """Write the model as a ``.keras`` archive, atomically (the folder made where missing)."""
         target = Path(path)
         if target.suffix.lower() != ".keras":
             raise AdapterError(f"Keras models are saved as .keras files, got {target.name}")
-        return atomic_write(target, lambda tmp: self.model.save(tmp), suffix=".keras")
+        return atomic_write(
+            target, lambda tmp: self.model.save(tmp), suffix=".keras", make_parents=True
+        )
 
-    # -- extras ---------------------------------------------------------------------------
+    # -- inspection and inference ---------------------------------------------------------
 
-    def layers(self) -> list[LayerRow]:
-        """(layer name, class name, per-sample output shape or ()) for every top-level layer.
+    def layers(self) -> list[LayerInfo]:
+        """A row per top-level layer: name, class name, per-sample output shape (or ()).
 
         The default feature layer is marked (``row.default``): the layer whose output the last
         Dense reads, or an inserted ``input of DENSE`` row where that is no listed layer.
         """
-        from backdoorscan.adapters.torch import LayerRow, mark_default
-
         keras = _keras()
         rows, outputs = [], {}
         for layer in self.model.layers:
@@ -236,7 +256,7 @@ class KerasAdapter:
                 shape = tuple(out.shape[1:])
             except (AttributeError, ValueError):
                 out, shape = None, ()
-            rows.append(LayerRow(layer.name, type(layer).__name__, shape))
+            rows.append(LayerInfo(layer.name, type(layer).__name__, shape))
             outputs[layer.name] = out
         dense = [x for x in self.model.layers if isinstance(x, keras.layers.Dense)]
         if not dense:
@@ -350,7 +370,7 @@ class KerasAdapter:
         dtype = str(np.dtype(inp.dtype))
         two = keras.Model(model.inputs, [outputs[0], feature])
         spec = keras.InputSpec(shape=(None, *per_sample), dtype=dtype)
-        with tempfile.TemporaryDirectory() as tmp, _quiet():
+        with tempfile.TemporaryDirectory() as tmp, quiet():
             path = Path(tmp) / "model.onnx"
             try:
                 two.export(str(path), format="onnx", verbose=False, input_signature=[spec])
@@ -411,10 +431,3 @@ def _backend_version(keras: Any) -> str:
     if mod and mod in sys.modules:
         return str(getattr(sys.modules[mod], "__version__", ""))
     return ""
-
-
-def _quiet() -> Any:
-    """The torch adapter's silencer: Keras' torch-backend export goes through torch.onnx."""
-    from backdoorscan.adapters.torch import _quiet as quiet
-
-    return quiet()
