@@ -25,7 +25,7 @@ sys.path.insert(0, str(TESTS))
 
 import backdoorscan  # noqa: E402
 from backdoorscan import adapters  # noqa: E402
-from backdoorscan.adapters import Adapter, AdapterError, LayerInfo  # noqa: E402
+from backdoorscan.adapters import Adapter, AdapterError, LayerInfo, Retrainable  # noqa: E402
 from backdoorscan.adapters.onnx import OnnxAdapter  # noqa: E402
 
 PACKAGE = Path(backdoorscan.__file__).parent
@@ -190,6 +190,7 @@ def test_missing_keras_gives_the_install_hint(
 def test_onnx_adapter_fulfils_the_contract() -> None:
     adapter = adapters.load(DEMO_MODEL)
     assert isinstance(adapter, Adapter) and isinstance(adapter, OnnxAdapter)
+    assert not isinstance(adapter, Retrainable)
     assert not adapter.can_fit and "cannot be retrained" in adapter.fit_reason
     with pytest.raises(AdapterError, match="cannot be retrained"):
         adapter.fit(np.zeros((1, 1)), np.zeros(1))

@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import models_for_tests as models  # noqa: E402
 
-from backdoorscan.adapters import Adapter, AdapterError, from_object  # noqa: E402
+from backdoorscan.adapters import Adapter, AdapterError, Retrainable, from_object  # noqa: E402
 from backdoorscan.adapters import keras as ka  # noqa: E402
 from backdoorscan.adapters import load as load_any  # noqa: E402
 from backdoorscan.adapters._check import session  # noqa: E402
@@ -182,6 +182,7 @@ def test_reinitialize_draws_fresh_seeded_weights_that_train() -> None:
     x, y = _digits()
     x, y = x[:600], y[:600]
     adapter = ka.from_model(models.keras_functional(softmax=False))
+    assert isinstance(adapter, Retrainable)
     adapter.fit(x, y, epochs=3, batch_size=32, seed=0)
     trained = [w.copy() for w in adapter.model.get_weights()]
     trained_accuracy = _accuracy(adapter, x, y)

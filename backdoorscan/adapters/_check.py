@@ -10,10 +10,15 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from backdoorscan.adapters.base import FEATURES, LOGITS, AdapterError
+
+if TYPE_CHECKING:
+    import onnx
+    import onnxruntime
 
 CHECK_BATCH = 8
 SECOND_BATCH = 3  # a second batch size: a graph that froze its batch fails here
@@ -41,7 +46,7 @@ def sample_batch(
     return rng.random(shape).astype(dtype)
 
 
-def session(model_bytes: bytes, *, optimized: bool = True):  # -> onnxruntime.InferenceSession
+def session(model_bytes: bytes, *, optimized: bool = True) -> onnxruntime.InferenceSession:
     """A CPU ONNX Runtime session; unoptimised on request, to check that fusion kept a tensor."""
     import onnxruntime as ort
 
@@ -53,13 +58,13 @@ def session(model_bytes: bytes, *, optimized: bool = True):  # -> onnxruntime.In
     return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
 
 
-def data_inputs(model) -> list:  # model: onnx.ModelProto -> list[onnx.ValueInfoProto]
+def data_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
     """Graph inputs that are not initializers (older exporters list weights as inputs too)."""
     inits = {t.name for t in model.graph.initializer}
     return [i for i in model.graph.input if i.name not in inits]
 
 
-def name_outputs(model, logits: str, features: str):  # onnx.ModelProto -> onnx.ModelProto
+def name_outputs(model: onnx.ModelProto, logits: str, features: str) -> onnx.ModelProto:
     """Replace the graph outputs by ``logits`` (Identity of one tensor) and ``features``.
 
     ``features`` is ``Flatten(axis=1)`` of the other tensor: a no-op on [batch, dim], and the
@@ -98,7 +103,7 @@ def name_outputs(model, logits: str, features: str):  # onnx.ModelProto -> onnx.
     return model
 
 
-def _elem_type(model, name: str) -> int:
+def _elem_type(model: onnx.ModelProto, name: str) -> int:
     import onnx
 
     for vi in [*model.graph.output, *model.graph.value_info, *model.graph.input]:

@@ -159,8 +159,7 @@ class OnnxAdapter:
         self.model = model
         self.source = source
         graph = model.graph
-        initializers = {t.name for t in graph.initializer}
-        self._inputs = [i for i in graph.input if i.name not in initializers]
+        self._inputs = _check.data_inputs(model)
         if len(self._inputs) != 1:
             names = ", ".join(i.name for i in self._inputs) or "none"
             raise AdapterError(
@@ -176,6 +175,7 @@ class OnnxAdapter:
     # -- inspection ---------------------------------------------------------------------------
     @property
     def input(self) -> onnx.ValueInfoProto:
+        """The one data input (graph inputs that are initializers do not count)."""
         return self._inputs[0]
 
     @property

@@ -78,11 +78,13 @@ def first_run(run: Callable[[], Any], x: np.ndarray) -> Any:
 
 
 def first_line(e: BaseException) -> str:
+    """An exception's type and first line, short enough for a one-line error."""
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[0] if text else ''}"[:400]
 
 
 def onnx_scope(node: Any) -> str:
+    """The module path the TorchScript exporter wrote into a node's name (/layer4/1/Conv)."""
     parts = node.name.split("/")
     if len(parts) < 3 or parts[0] != "":
         return ""

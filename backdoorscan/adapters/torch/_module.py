@@ -108,6 +108,7 @@ def single_output(out: Any) -> Any:
 
 
 def require_single_input(module: Any) -> None:
+    """Refuse a module whose forward needs more than one positional input (the scan feeds one)."""
     try:
         sig = inspect.signature(module.forward)
     except (TypeError, ValueError):
@@ -123,6 +124,7 @@ def require_single_input(module: Any) -> None:
 
 
 def inputs_message(names: list[str]) -> str:
+    """The refusal for a model that takes several inputs, naming them."""
     return (
         f"the model takes {len(names)} inputs ({', '.join(names)}); backdoorscan feeds one "
         "tensor per sample: wrap the model in a module whose forward takes a single input"
@@ -140,6 +142,12 @@ def module_candidates(model: Any, n: int = 10) -> str:
 def module_layers(
     module: Any, shape: tuple[int, ...] | None, dtype: str, vocab: int | None
 ) -> list[LayerInfo]:
+    """A row per submodule with the output shape seen on a sample batch; the head's input marked.
+
+    One forward pass with hooks records each module's output and which tensor the last
+    nn.Linear to run reads (what the feature tap picks); without a shape, the last Linear
+    declared is the head.
+    """
     import torch
 
     named = [(p, m) for p, m in module.named_modules() if p]
@@ -199,6 +207,7 @@ def script_copy(module: Any) -> Any:
 
 
 def module_device(module: Any) -> Any:
+    """The device of the module's first parameter (CPU for a module without any)."""
     import torch
 
     for p in module.parameters():
@@ -207,4 +216,5 @@ def module_device(module: Any) -> Any:
 
 
 def to_numpy(t: Any) -> np.ndarray:
+    """A tensor as a float32 numpy array on the CPU, detached."""
     return t.detach().float().cpu().numpy()

@@ -139,6 +139,7 @@ def program_head(calls: list) -> tuple[str | None, Any]:
 
 
 def program_layers(gm: Any) -> list[LayerInfo]:
+    """A row per module scope of the program (type, output shape); the head's input marked."""
     import torch
 
     def per_sample(n: Any) -> tuple:
@@ -169,6 +170,7 @@ def program_layers(gm: Any) -> list[LayerInfo]:
 
 
 def get_attr(gm: Any, target: str) -> Any:
+    """The attribute at a dotted ``get_attr`` target of the graph module, or None."""
     obj = gm
     for part in target.split("."):
         obj = getattr(obj, part, None)
