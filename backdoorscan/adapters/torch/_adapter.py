@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+import backdoorscan.adapters.torch._export as _export  # module attribute: tests patch it
 from backdoorscan._io import atomic_write
 from backdoorscan.adapters import _cache, _check
 from backdoorscan.adapters._util import quiet, require
@@ -21,7 +22,6 @@ from backdoorscan.adapters.base import (
     OnnxExport,
     mark_default,
 )
-from backdoorscan.adapters.torch import _export
 from backdoorscan.adapters.torch._export import (
     INPUT_NAME,
     first_line,
