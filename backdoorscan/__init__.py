@@ -33,7 +33,7 @@ _EXPORTS = {
     "Report": "backdoorscan.scanner.report",
     "detect": "backdoorscan.scanner.detect",
     "repair": "backdoorscan.scanner.repair",
-    "scan": "backdoorscan.scanner",
+    "scan": "backdoorscan.scanner.pipeline",
 }
 
 __all__ = ["DetectConfig", "ExreConfig", "Report", "__version__", "detect", "repair", "scan"]

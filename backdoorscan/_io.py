@@ -14,14 +14,39 @@ from collections.abc import Callable
 from pathlib import Path
 
 __all__ = [
+    "OutputError",
     "atomic_write",
     "atomic_write_bytes",
     "atomic_write_text",
+    "check_output",
     "file_mode",
     "sha256_file",
 ]
 
 CHUNK = 1 << 20  # bytes read at a time when hashing
+
+
+class OutputError(ValueError):
+    """An output path that would replace an input or something that is not a regular file."""
+
+
+def check_output(output: str | Path, inputs: list[str | Path]) -> None:
+    """Refuse an output that is one of ``inputs`` (the same file by any name) or an existing
+    non-regular file (a device, a FIFO, a folder): writing it would replace the input or turn
+    ``/dev/null`` into a regular file."""
+    out = Path(output)
+    if out.is_symlink() or (out.exists() and not out.is_file()):
+        raise OutputError(f"refusing to write {out}: it exists and is not a regular file")
+    if not out.exists():
+        return
+    for given in inputs:
+        p = Path(given)
+        try:
+            same = p.exists() and os.path.samefile(out, p)
+        except OSError:
+            same = False
+        if same:
+            raise OutputError(f"refusing to write {out}: it is an input of this command ({p})")
 
 
 def file_mode() -> int:

@@ -1,384 +1,43 @@
 """The ``backdoorscan`` command line: parses options, calls the library, renders the report.
 
-Exit codes: 0 nothing found, 1 backdoor found, 2 error, 3 nothing scanned, 4 usage error.
+Exit codes: 0 no poison found in the training samples given, 1 backdoor found, 2 error,
+3 nothing (meaningful) scanned, 4 usage error. The options live in ``cli_options.py``.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import click
 
-from backdoorscan._io import atomic_write_bytes, atomic_write_text
+from backdoorscan._io import atomic_write_bytes
 from backdoorscan._version import __version__
+from backdoorscan.cli_options import (
+    ScanError,
+    build_detect_config,
+    build_model_options,
+    build_run_options,
+    data_options,
+    detect_options,
+    emit,
+    errors,
+    exre_options,
+    model_options,
+    output_options,
+    parse_memory,
+    pop_exre_config,
+    progress_bar,
+    refuse_overwrite,
+    writable_output,
+)
 from backdoorscan.scanner.config import DetectConfig
-from backdoorscan.scanner.report import EXIT_ERROR, EXIT_USAGE, Report
+from backdoorscan.scanner.report import EXIT_ERROR, EXIT_USAGE
 
 DEMO_DIR = Path(__file__).parent / "data"
-
-
-class ScanError(click.ClickException):
-    """An error the user can act on: printed as one line, exit code 2."""
-
-    exit_code = EXIT_ERROR
-
-    def show(self, file: Any = None) -> None:
-        click.echo(f"error: {self.format_message()}", err=True)
-
-
-def _floats(text: str | None) -> list[float] | None:
-    if text is None:
-        return None
-    try:
-        return [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise click.BadParameter(f"expected comma-separated numbers, got {text!r}") from None
-
-
-def _shape(text: str | None) -> tuple[int, ...] | None:
-    if text is None:
-        return None
-    try:
-        dims = tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise click.BadParameter(f"expected comma-separated integers, got {text!r}") from None
-    if not dims or min(dims) < 1:
-        raise click.BadParameter(f"expected positive dimensions, got {text!r}")
-    return dims
-
-
-def _memory_size(text: str | None) -> int | None:
-    if text is None:
-        return None
-    from backdoorscan.scanner.budget import parse_size
-
-    try:
-        return parse_size(text)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc)) from None
-
-
-def _clusters(text: str) -> int | str | tuple[int, ...]:
-    from backdoorscan.scanner.config import parse_clusters
-
-    try:
-        return parse_clusters(str(text))
-    except ValueError as exc:
-        raise click.BadParameter(str(exc)) from None
-
-
-def _writable_output(
-    _ctx: click.Context, _param: click.Parameter, value: Path | None
-) -> Path | None:
-    """Fail before the work, not after it, when the output's folder is missing."""
-    if value is not None and not (value.parent if str(value.parent) else Path(".")).is_dir():
-        raise ScanError(f"output folder does not exist: {value.parent}")
-    return value
-
-
-def _stack(opts: list[Callable[..., Any]], fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Apply click option decorators so that they list in the order given."""
-    for opt in reversed(opts):
-        fn = opt(fn)
-    return fn
-
-
-def data_options(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Where the training data comes from, how it is read and where the model runs."""
-    opts = [
-        click.option(
-            "--data",
-            "data_path",
-            required=True,
-            type=click.Path(path_type=Path),
-            help="Training data: .npz with arrays x and y, or .npy samples with --labels.",
-        ),
-        click.option(
-            "--labels", type=click.Path(path_type=Path), help="Labels .npy, with --data x.npy."
-        ),
-        click.option(
-            "--x-key", default="x", show_default=True, help="Array name of the samples in .npz."
-        ),
-        click.option(
-            "--y-key", default="y", show_default=True, help="Array name of the labels in .npz."
-        ),
-        click.option(
-            "--scale", type=float, help="Multiply samples by this first (e.g. 0.00392 for /255)."
-        ),
-        click.option(
-            "--mean", help="Subtract this (one value, or one per channel, comma-separated)."
-        ),
-        click.option("--std", help="Then divide by this (one value, or one per channel)."),
-        click.option(
-            "--device",
-            type=click.Choice(["auto", "cpu", "cuda"]),
-            default="auto",
-            show_default=True,
-            help="Where ONNX Runtime runs; auto takes CUDA when it loads.",
-        ),
-    ]
-    return _stack(opts, fn)
-
-
-def model_options(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Options that tell a framework adapter how to load a model file."""
-    opts = [
-        click.option(
-            "--arch",
-            metavar="MODULE:CALLABLE",
-            help="PyTorch state dicts: the architecture to load the weights into.",
-        ),
-        click.option(
-            "--arch-kwargs", metavar="JSON", help="Keyword arguments for --arch, as JSON."
-        ),
-        click.option(
-            "--input-shape",
-            metavar="C,H,W",
-            help="Per-sample input shape, for PyTorch state dicts.",
-        ),
-        click.option(
-            "--layer",
-            metavar="NAME",
-            help="Hidden layer to cluster (ONNX tensor, PyTorch module path or Keras "
-            "layer name). Default: the input of the last linear layer.",
-        ),
-    ]
-    return _stack(opts, fn)
-
-
-def _adapter_kwargs(
-    arch: str | None, arch_kwargs: str | None, input_shape: str | None
-) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    if arch:
-        out["arch"] = arch
-    if arch_kwargs:
-        try:
-            out["arch_kwargs"] = json.loads(arch_kwargs)
-        except json.JSONDecodeError as exc:
-            raise click.BadParameter(f"--arch-kwargs is not valid JSON: {exc.msg}") from None
-        if not isinstance(out["arch_kwargs"], dict):
-            raise click.BadParameter("--arch-kwargs must be a JSON object")
-    shape = _shape(input_shape)
-    if shape:
-        out["input_shape"] = shape
-    return out
-
-
-@contextmanager
-def _errors() -> Iterator[None]:
-    """Turn the library's errors into one-line messages with exit code 2."""
-    from backdoorscan.adapters.base import AdapterError
-    from backdoorscan.scanner.data import DataError
-    from backdoorscan.scanner.exre import ExreError
-    from backdoorscan.scanner.extract import ExtractionError
-
-    try:
-        yield
-    except (AdapterError, DataError, ExtractionError, ExreError) as exc:
-        raise ScanError(str(exc)) from None
-    except MemoryError:
-        raise ScanError("out of memory; lower --batch-size or scan a subset") from None
-    except (OSError, ValueError) as exc:
-        raise ScanError(f"{type(exc).__name__}: {exc}") from None
-
-
-@contextmanager
-def _progress(enabled: bool) -> Iterator[tuple[Callable[[int], None], Callable[[int], None]]]:
-    """A progress bar on stderr, shown only when stderr is a terminal."""
-    state: dict[str, Any] = {}
-
-    def start(total: int) -> None:
-        if enabled and sys.stderr.isatty():
-            bar = click.progressbar(length=total, label="extracting activations", file=sys.stderr)
-            state["bar"] = bar.__enter__()
-
-    def step(n: int) -> None:
-        if "bar" in state:
-            state["bar"].update(n)
-
-    try:
-        yield start, step
-    finally:
-        if "bar" in state:
-            state["bar"].__exit__(None, None, None)
-
-
-def _emit(report: Report, fmt: str, output: Path | None, quiet: bool) -> None:
-    text = report.render(fmt)
-    if output is not None:
-        with _errors():
-            atomic_write_text(output, text)
-        if not quiet:
-            click.echo(report.to_text() if fmt != "text" else text, nl=False)
-            click.echo(f"report written to {output}", err=True)
-    elif not quiet or fmt != "text":
-        click.echo(text, nl=False)
-
-
-def _detect_config(**kw: Any) -> Any:
-    rule = tuple(r.strip() for r in kw.pop("rule").split(",") if r.strip())
-    try:
-        return DetectConfig(rule=rule, **kw)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc)) from None
-
-
-_D = DetectConfig()
-
-
-def detect_options(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Options of the clustering and of the decision rule (defaults from DetectConfig)."""
-    opts = [
-        click.option(
-            "--reduce",
-            default=_D.reduce,
-            show_default=True,
-            help="Dimensionality reduction per class: pca, ica or none, or several joined by "
-            "'+' (each is clustered).",
-        ),
-        click.option(
-            "--n-components",
-            type=click.IntRange(1),
-            default=_D.n_components,
-            show_default=True,
-            help="Dimensions to reduce to.",
-        ),
-        click.option(
-            "--clusters",
-            "n_clusters",
-            default=_D.n_clusters
-            if isinstance(_D.n_clusters, (int, str))
-            else ",".join(map(str, _D.n_clusters)),
-            show_default=True,
-            callback=lambda _c, _p, v: _clusters(v),
-            help="Values of k for k-means per class, comma-separated (every cluster of every "
-            f"k that holds at most {_D.max_share:.0%} of its class is a candidate), or 'auto' "
-            f"(the smallest k in 2..{_D.max_clusters} whose silhouette is within 0.01 of the "
-            "best).",
-        ),
-        click.option(
-            "--size-threshold",
-            type=click.FloatRange(0, 1, min_open=True, max_open=True),
-            default=_D.size_threshold,
-            show_default=True,
-            help="The size analysis (the paper's rule): a candidate cluster holding less than "
-            "this share of its class votes 'small'. It decides where the rule names size "
-            "(--rule, or the size,separation fallback when the transfer test cannot run); "
-            f"every cluster of at most {_D.max_share:.0%} of its class is a candidate.",
-        ),
-        click.option(
-            "--separation-threshold",
-            type=click.FloatRange(0),
-            default=_D.separation_threshold,
-            show_default=True,
-            help="The separation analysis: a candidate whose gap to the rest of its class, "
-            "along the line joining their means, is at least this many pooled standard "
-            "deviations votes 'apart'. It decides where the rule names separation (see "
-            "--size-threshold).",
-        ),
-        click.option(
-            "--transfer-threshold",
-            type=click.FloatRange(0, 1),
-            default=_D.transfer_threshold,
-            show_default=True,
-            help="The transfer analysis: a candidate is poison when at least this share of "
-            "other classes' samples, stamped with the perturbation its samples share, is "
-            "classified as its label by the model.",
-        ),
-        click.option(
-            "--rule",
-            default=",".join(_D.rule),
-            show_default=True,
-            help="Analyses that one candidate cluster must all pass to flag its class, "
-            "comma-separated (transfer, size, separation, silhouette, distance).",
-        ),
-        click.option(
-            "--threads",
-            "n_jobs",
-            type=click.IntRange(0),
-            default=_D.n_jobs,
-            show_default=True,
-            help="CPU threads for the model (ONNX Runtime) and for the per-class analysis, "
-            "one class per thread (0: ONNX Runtime's default for the model, every core this "
-            "process may use for the classes). The report does not depend on it.",
-        ),
-        click.option("--seed", type=int, default=_D.seed, show_default=True, help="Random seed."),
-    ]
-    return _stack(opts, fn)
-
-
-def exre_options(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Options of exclusionary reclassification (ExRe)."""
-    opts = [
-        click.option(
-            "--exre",
-            type=click.Choice(["auto", "full", "probe", "both"]),
-            is_flag=False,
-            flag_value="auto",
-            default=None,
-            help="Exclusionary reclassification of the suspicious clusters: full (retrain the "
-            "model without them), probe (classifier on the activations), both; bare --exre: "
-            "full where the model can be retrained, else probe.",
-        ),
-        click.option(
-            "--exre-threshold",
-            type=click.FloatRange(0, min_open=True),
-            default=1.0,
-            show_default=True,
-            help="A cluster is poison when its own-label share over its top other class's "
-            "share falls under this.",
-        ),
-        click.option(
-            "--exre-epochs",
-            type=click.IntRange(1),
-            default=1,
-            show_default=True,
-            help="Epochs of ExRe's retraining from scratch (at least 400 optimizer steps).",
-        ),
-    ]
-    return _stack(opts, fn)
-
-
-def _exre_config(kw: dict[str, Any]) -> Any:
-    """Pop the ExRe options from ``kw``; an ExreConfig, or None when --exre was not given."""
-    from backdoorscan.scanner.exre import ExreConfig
-
-    method, threshold, epochs = kw.pop("exre"), kw.pop("exre_threshold"), kw.pop("exre_epochs")
-    if method is None:
-        return None
-    return ExreConfig(method=method, threshold=threshold, epochs=epochs, seed=kw.get("seed", 0))
-
-
-def output_options(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Report format, destination and verbosity."""
-    opts = [
-        click.option(
-            "--format",
-            "fmt",
-            type=click.Choice(["text", "json"]),
-            default="text",
-            show_default=True,
-            help="Report format.",
-        ),
-        click.option(
-            "-o",
-            "--output",
-            type=click.Path(dir_okay=False, path_type=Path),
-            callback=_writable_output,
-            help="Write the report to this file (atomically); stdout then gets the text "
-            "summary only (nothing with -q).",
-        ),
-        click.option("-q", "--quiet", is_flag=True, help="No progress bar, no summary."),
-    ]
-    return _stack(opts, fn)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -387,7 +46,8 @@ def cli() -> None:
     """Find backdoor poisoning in a model and its training data (Activation Clustering).
 
     \b
-    Exit codes: 0 nothing found, 1 backdoor found, 2 error, 3 nothing scanned, 4 usage error.
+    Exit codes: 0 no poison found in the training samples given, 1 backdoor found, 2 error,
+    3 nothing (meaningful) scanned, 4 usage error.
     Example:
       backdoorscan scan model.onnx --data train.npz --format json -o report.json
     """
@@ -400,7 +60,7 @@ def cli() -> None:
 @click.option(
     "--max-memory",
     metavar="SIZE",
-    callback=lambda _c, _p, v: _memory_size(v),
+    callback=lambda _c, _p, v: parse_memory(v),
     help="Memory the scan's arrays may use, e.g. 2G or 512M; a scan estimated to need more is "
     "refused before extraction. Default: the machine's (or container's) memory.",
 )
@@ -438,32 +98,26 @@ def scan(
         --format json -o report.json
       backdoorscan scan weights.pt --arch mypkg.models:Net --input-shape 1,28,28 --data train.npz
     """
-    from backdoorscan.scanner import scan as run_scan
+    from backdoorscan.scanner.pipeline import Progress
+    from backdoorscan.scanner.pipeline import scan as run_scan
 
-    exre = _exre_config(detect_kw)
-    cfg = _detect_config(**detect_kw)
-    kwargs = _adapter_kwargs(arch, arch_kwargs, input_shape)
-    with _errors(), _progress(not quiet) as (start, step):
+    exre = pop_exre_config(detect_kw)
+    cfg = build_detect_config(**detect_kw)
+    opts = build_run_options(device, batch_size, max_memory, scale, mean, std, x_key, y_key)
+    mopts = build_model_options(layer, arch, arch_kwargs, input_shape)
+    refuse_overwrite(output, model, data_path, labels)
+    with errors(), progress_bar(not quiet) as (start, step):
         report = run_scan(
             model,
             data=data_path,
             labels=labels,
-            x_key=x_key,
-            y_key=y_key,
-            layer=layer,
-            device=device,
-            batch_size=batch_size,
-            max_memory=max_memory,
-            scale=scale,
-            mean=_floats(mean),
-            std=_floats(std),
+            options=opts,
+            model_options=mopts,
             config=cfg,
-            progress=step,
-            on_extract_start=start,
             exre=exre,
-            **kwargs,
+            progress=Progress(start, step),
         )
-    _emit(report, fmt, output, quiet)
+    emit(report, fmt, output, quiet)
     sys.exit(report.exit_code)
 
 
@@ -480,9 +134,26 @@ def scan(
 @click.option(
     "--epochs",
     type=click.IntRange(1),
-    default=1,
+    default=20,
     show_default=True,
-    help="Epochs of retraining from the current weights.",
+    help="Budget: at most this many epochs of retraining from the current weights; it stops "
+    "at the first epoch that meets --max-asr and --max-acc-drop.",
+)
+@click.option(
+    "--max-asr",
+    type=click.FloatRange(0, 1),
+    default=0.05,
+    show_default=True,
+    help="Done when the attack success rate (on --trigger-test, else on held-out samples "
+    "stamped with the trigger the scan estimated) is below this.",
+)
+@click.option(
+    "--max-acc-drop",
+    type=click.FloatRange(0, 1),
+    default=0.01,
+    show_default=True,
+    help="...and clean accuracy (on --test, else on held-out samples) has dropped by at most "
+    "this much.",
 )
 @click.option("--lr", type=click.FloatRange(0, min_open=True), default=1e-3, show_default=True)
 @click.option("--train-batch-size", type=click.IntRange(1), default=128, show_default=True)
@@ -502,7 +173,7 @@ def scan(
     "--output",
     type=click.Path(dir_okay=False, path_type=Path),
     required=True,
-    callback=_writable_output,
+    callback=writable_output,
     help="The repaired model, in its own format (an ONNX copy goes to <stem>.onnx); for a bare "
     "ONNX model, the cleaned data set (.npz).",
 )
@@ -542,6 +213,8 @@ def repair(
     strategy: str,
     epochs: int,
     lr: float,
+    max_asr: float,
+    max_acc_drop: float,
     train_batch_size: int,
     test: Path | None,
     trigger_test: Path | None,
@@ -556,48 +229,50 @@ def repair(
     layer: str | None,
     **detect_kw: Any,
 ) -> None:
-    """Scan MODEL, relabel or remove the poison it finds, retrain, save, and scan again.
+    """Scan MODEL, relabel or remove the poison it finds, retrain until the attack is gone,
+    save, and scan the repaired model again with the original training data.
 
     \b
-    Exit codes: 0 the rescan finds no backdoor (or a bare ONNX model's cleaned data set was
-    written), 1 a backdoor is still found, 2 error, 3 nothing scanned.
+    Exit codes: 0 the attack success rate fell below --max-asr with clean accuracy held and the
+    rescan of the original data is clean (or a bare ONNX model's cleaned data set was written),
+    1 "repair failed" or a backdoor is still found, 2 error, 3 nothing scanned.
     Examples:
       backdoorscan repair weights.pt --arch mypkg:Net --input-shape 1,28,28 --data train.npz \\
-        --epochs 3 --test clean_test.npz --trigger-test triggered_test.npz -o repaired.pt
+        --test clean_test.npz --trigger-test triggered_test.npz -o repaired.pt
       backdoorscan repair model.onnx --data train.npz -o cleaned.npz
     """
-    from backdoorscan.scanner.repair import exit_code
+    from backdoorscan.scanner.repair import RepairConfig, exit_code
     from backdoorscan.scanner.repair import repair as run_repair
 
-    exre = _exre_config(detect_kw)
-    cfg = _detect_config(**detect_kw)
-    kwargs = _adapter_kwargs(arch, arch_kwargs, input_shape)
-    with _errors():
+    exre = pop_exre_config(detect_kw)
+    budget = {"max_asr": max_asr, "max_acc_drop": max_acc_drop}
+    cfg = build_detect_config(**detect_kw)
+    opts = build_run_options(device, 256, None, scale, mean, std, x_key, y_key)
+    mopts = build_model_options(layer, arch, arch_kwargs, input_shape)
+    for out in (output, data_out, report_path):
+        refuse_overwrite(out, model, data_path, labels, test, trigger_test)
+    outs = [p.resolve() for p in (output, output.with_suffix(".onnx"), data_out, report_path) if p]
+    if len(set(outs)) < len(outs):
+        raise ScanError("-o, --data-out and --report must name different files")
+    with errors():
+        rcfg = RepairConfig(
+            strategy=strategy, epochs=epochs, lr=lr, train_batch_size=train_batch_size, **budget
+        )
         report = run_repair(
             model,
             data=data_path,
             labels=labels,
-            x_key=x_key,
-            y_key=y_key,
             output=output,
-            strategy=strategy,
-            epochs=epochs,
-            lr=lr,
-            batch_size=train_batch_size,
-            seed=cfg.seed,
             exre=exre,
             test=test,
             trigger_test=trigger_test,
             data_output=data_out,
-            layer=layer,
-            device=device,
-            scale=scale,
-            mean=_floats(mean),
-            std=_floats(std),
+            options=opts,
+            model_options=mopts,
             config=cfg,
-            **kwargs,
+            repair_config=rcfg,
         )
-    _emit(report, fmt, report_path, quiet)
+    emit(report, fmt, report_path, quiet)
     sys.exit(exit_code(report))
 
 
@@ -613,16 +288,14 @@ def demo(fmt: str, output: Path | None, quiet: bool) -> None:
     """
     import numpy as np
 
-    from backdoorscan.scanner import scan as run_scan
+    from backdoorscan.scanner.pipeline import Progress
+    from backdoorscan.scanner.pipeline import scan as run_scan
 
     data = DEMO_DIR / "demo.npz"
-    with _errors(), _progress(not quiet) as (start, step):
+    refuse_overwrite(output, DEMO_DIR / "demo.onnx", data)
+    with errors(), progress_bar(not quiet) as (start, step):
         report = run_scan(
-            DEMO_DIR / "demo.onnx",
-            data=data,
-            config=DetectConfig(),
-            progress=step,
-            on_extract_start=start,
+            DEMO_DIR / "demo.onnx", data=data, config=DetectConfig(), progress=Progress(start, step)
         )
         with np.load(data, allow_pickle=False) as arrays:
             truth = arrays["poison"]
@@ -634,7 +307,7 @@ def demo(fmt: str, output: Path | None, quiet: bool) -> None:
         f"demo truth: {int(truth.sum())} poisoned samples (7s with the trigger, labelled 1); "
         f"flagged {int(flagged.sum())}, precision {precision:.2f}, recall {recall:.2f}"
     )
-    _emit(report, fmt, output, quiet)
+    emit(report, fmt, output, quiet)
     sys.exit(report.exit_code)
 
 
@@ -656,16 +329,14 @@ def layers(
     """
     from backdoorscan import adapters
 
-    kwargs = _adapter_kwargs(arch, arch_kwargs, input_shape)
-    with _errors():
-        adapter = adapters.load(model, **kwargs)
-        rows = adapter.layers()  # type: ignore[attr-defined]
+    kwargs = build_model_options(layer, arch, arch_kwargs, input_shape).loader_kwargs()
+    with errors():
+        rows = adapters.load(model, **kwargs).layers()
     if not rows:
         raise ScanError("no candidate hidden layers found")
     for row in rows:
-        name, op, shape, default = _layer_row(row)
-        dims = "x".join("?" if d is None or isinstance(d, str) else str(d) for d in shape) or "?"
-        click.echo(f"{'*' if default else ' '} {name:<40} {op:<20} {dims}")
+        dims = "x".join("?" if d is None or isinstance(d, str) else str(d) for d in row.shape)
+        click.echo(f"{'*' if row.default else ' '} {row.name:<40} {row.op_type:<20} {dims or '?'}")
 
 
 @cli.command()
@@ -675,7 +346,7 @@ def layers(
     "--output",
     type=click.Path(dir_okay=False, path_type=Path),
     required=True,
-    callback=_writable_output,
+    callback=writable_output,
     help="Where to write the ONNX file (atomically).",
 )
 @model_options
@@ -697,8 +368,9 @@ def export(
     """
     from backdoorscan import adapters
 
-    kwargs = _adapter_kwargs(arch, arch_kwargs, input_shape)
-    with _errors():
+    kwargs = build_model_options(None, arch, arch_kwargs, input_shape).loader_kwargs()
+    refuse_overwrite(output, model)
+    with errors():
         exported = adapters.load(model, **kwargs).to_onnx(layer)
         atomic_write_bytes(output, exported.model_bytes)
     dims = "x".join("?" if d is None else str(d) for d in exported.input_shape)
@@ -708,13 +380,6 @@ def export(
     )
     for note in exported.notes:
         click.echo(f"  note: {note}")
-
-
-def _layer_row(row: Any) -> tuple[str, str, tuple[Any, ...], bool]:
-    if hasattr(row, "name"):
-        return row.name, row.op_type, tuple(row.shape), bool(row.default)
-    name, op, shape, *rest = row
-    return name, op, tuple(shape or ()), bool(rest[0]) if rest else False
 
 
 def _on_signal(signum: int, _frame: object) -> None:

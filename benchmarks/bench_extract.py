@@ -67,7 +67,7 @@ def main() -> None:
     import onnxruntime as ort
     from threadpoolctl import threadpool_limits
 
-    _, export = prepare(folder / "model.onnx")
+    export = prepare(folder / "model.onnx").export
     ds = conform(from_arrays(x, y), export.input_shape, export.input_dtype, export.num_classes)
     scanner_session = make_session(export, "cpu")
     options = ort.SessionOptions()

@@ -79,13 +79,11 @@ def _detection(report: Any, truth: dict[str, np.ndarray]) -> dict[str, Any]:
 def _class_rows(report: Any, truth: dict[str, np.ndarray]) -> list[dict[str, Any]]:
     """Per class: detector, true source of the examined cluster, ExRe figures per method."""
     rows = []
-    preds = report.exre_predictions
+    preds = report.exre.predictions if report.exre is not None else None
     for c in report.classes:
         if not c.exre:
             continue
-        members = np.flatnonzero(
-            (truth["y"] == c.label) & (report.scores > (0.5 if c.verdict == "poisoned" else 0.25))
-        )
+        members = np.asarray(c.members if c.members is not None else [], dtype=np.int64)
         poison_here = truth["poison"][members]
         true_source = (
             int(np.bincount(truth["source"][members][poison_here]).argmax())
@@ -107,8 +105,10 @@ def _class_rows(report: Any, truth: dict[str, np.ndarray]) -> list[dict[str, Any
         for method in ("full", "probe"):
             o = c.exre.get(method)
             if o:
-                row[method] = {k: o[k] for k in ("own_share", "source", "source_share", "ratio")}
-                row[method]["verdict"] = o["verdict"]
+                row[method] = {
+                    k: getattr(o, k)
+                    for k in ("own_share", "source", "source_share", "ratio", "verdict")
+                }
         if preds is not None and poison_here.any():
             p = preds[members][poison_here]
             row["full_per_sample_true_source"] = round(
@@ -260,9 +260,9 @@ def part_l2l1(name: str, epochs: int, strategies: list[str]) -> None:
             repair_s = time.perf_counter() - t
             written = sorted(p.name for p in Path(tmp).iterdir())
         info = after.repair
-        m = info["metrics"]
+        m = info.metrics
         print(f"\n## {name}: repair ({strategy}, {epochs} epoch(s) from the current weights)\n")
-        print(f"{info['summary']} ({repair_s:.0f} s; wrote {', '.join(written)})")
+        print(f"{info.summary} ({repair_s:.0f} s; wrote {', '.join(written)})")
         print(
             f"clean accuracy {m['before']['clean_accuracy']:.4f} -> "
             f"{m['after']['clean_accuracy']:.4f}; attack success rate (triggered test samples "
@@ -275,14 +275,14 @@ def part_l2l1(name: str, epochs: int, strategies: list[str]) -> None:
             f"rescan: {after.verdict}, flagged {len(after.flagged_indices)}, exit {after.exit_code}"
         )
         payload["repairs"][strategy] = {
-            "summary": info["summary"],
+            "summary": info.summary,
             "metrics": m,
-            "per_class": info["per_class"],
+            "per_class": info.per_class,
             "rescan_verdict": after.verdict,
             "rescan_poisoned_classes": after.poisoned_classes,
             "rescan_flagged": len(after.flagged_indices),
             "repair_s": repair_s,
-            "fit_s": info.get("fit_s"),
+            "fit_s": m.get("fit_s"),
         }
     _save(name, payload)
 
@@ -332,18 +332,18 @@ def part_all2one(epochs: int, repair: bool) -> None:
                 test=folder / "test_clean.npz",
                 trigger_test=folder / "test_trigger.npz",
             )
-        m = after.repair["metrics"]
+        m = after.repair.metrics
         print("## mnist_all2one: repair (relabel, per sample where ExRe found many sources)\n")
-        print(after.repair["summary"])
-        print(f"per class: {after.repair['per_class']}")
+        print(after.repair.summary)
+        print(f"per class: {after.repair.per_class}")
         print(
             f"clean accuracy {m['before']['clean_accuracy']:.4f} -> "
             f"{m['after']['clean_accuracy']:.4f}; attack success rate {m['before']['asr']:.4f} "
             f"-> {m['after']['asr']:.4f}; rescan {after.verdict}"
         )
         payload["repair"] = {
-            "summary": after.repair["summary"],
-            "per_class": after.repair["per_class"],
+            "summary": after.repair.summary,
+            "per_class": after.repair.per_class,
             "metrics": m,
             "rescan_verdict": after.verdict,
         }
@@ -391,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
         choices=["l2l1", "all2one", "clean", "init"],
     )
     parser.add_argument("--scenario", default="mnist_l2l1_10")
-    parser.add_argument("--epochs", type=int, default=1, help="repair epochs")
+    parser.add_argument("--epochs", type=int, default=20, help="repair's epoch budget")
     parser.add_argument("--strategies", default="relabel", help="comma-separated")
     parser.add_argument("--no-all2one-repair", action="store_true")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")

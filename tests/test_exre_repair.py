@@ -27,7 +27,13 @@ from backdoorscan.scanner.exre import (  # noqa: E402
     suspicious_clusters,
 )
 from backdoorscan.scanner.repair import exit_code, plan_repair  # noqa: E402
-from backdoorscan.scanner.report import ClassResult, Report  # noqa: E402
+from backdoorscan.scanner.report import (  # noqa: E402
+    ClassResult,
+    ExreOutcome,
+    ExreResult,
+    RepairResult,
+    Report,
+)
 
 # Digits are small: ExRe retrains from scratch at a higher rate, in batches of 64.
 EXRE = {"batch_size": 64, "lr": 3e-3}
@@ -85,19 +91,19 @@ def test_exre_confirms_the_poisoned_class(report: Report, case: dict) -> None:
     target = next(c for c in report.classes if c.label == dm.TARGET)
     full = target.exre["full"]
     # Retrained from scratch without the poison, the model no longer calls it 1.
-    assert full["verdict"] == "poison" and full["own_share"] < 0.3
-    assert full["ratio"] < 1.0 and full["n"] == target.n_flagged
-    assert target.exre["decided_by"] == "full" and target.votes["exre"] is True
+    assert full.verdict == "poison" and full.own_share < 0.3
+    assert full.ratio < 1.0 and full.n == target.n_flagged
+    assert target.exre_decided_by == "full" and target.votes["exre"] is True
     assert "confirmed by ExRe full" in target.reason
     # The transfer test's source (the 7s) is kept; the probe's figures are reported beside.
     assert target.suspected_source == dm.SOURCE
-    assert set(target.exre["probe"]) >= {"own_share", "source", "ratio", "verdict"}
-    info = report.exre["full"]
+    assert {"own_share", "source", "ratio", "verdict"} <= set(vars(target.exre["probe"]))
+    info = report.exre.runs["full"]
     assert info["init"] == "scratch" and not info["undertrained"]
     assert info["kept_accuracy"] > 0.9
     flagged = report.flagged_indices
-    assert report.exre_predictions is not None
-    assert (report.exre_predictions[flagged] != dm.TARGET).mean() > 0.7
+    assert report.exre.predictions is not None
+    assert (report.exre.predictions[flagged] != dm.TARGET).mean() > 0.7
     assert "exclusionary reclassification" in report.to_text()
     assert report.to_dict()["exre"]["methods"] == ["full", "probe"]
 
@@ -110,7 +116,7 @@ def test_clean_model_with_exre_stays_clean() -> None:
     assert len(result.flagged_indices) == 0
     # ExRe looked at the best candidate of every class.
     assert sum(1 for c in result.classes if c.exre) == 10
-    assert not result.exre["full"]["undertrained"]
+    assert not result.exre.runs["full"]["undertrained"]
 
 
 def test_repair_relabels_and_removes_the_backdoor(case: dict, report: Report) -> None:
@@ -124,22 +130,22 @@ def test_repair_relabels_and_removes_the_backdoor(case: dict, report: Report) ->
         output=out,
         epochs=5,
         lr=3e-3,
-        batch_size=64,
+        train_batch_size=64,
         test=case["dir"] / "test.npz",
         trigger_test=case["dir"] / "trigger.npz",
     )
     info = result.repair
-    assert info["mode"] == "retrained"
+    assert info.mode == "retrained"
     n_flagged = next(c.n_flagged for c in report.classes if c.label == dm.TARGET)
-    assert info["per_class"][dm.TARGET]["to"] == {dm.SOURCE: n_flagged}
+    assert info.per_class[dm.TARGET]["to"] == {dm.SOURCE: n_flagged}
     assert result.verdict == "clean" and exit_code(result) == 0
-    before, after = info["metrics"]["before"], info["metrics"]["after"]
+    before, after = info.metrics["before"], info.metrics["after"]
     # Triggered held-out 7s: the poisoned model sends most to 1, the repaired one few.
     assert before["asr_per_class"][dm.TARGET] > 0.5
     assert after["asr_per_class"][dm.TARGET] < 0.1
     assert after["asr"] < before["asr"]
     assert after["clean_accuracy"] >= before["clean_accuracy"] - 0.02
-    assert info["before"]["poisoned_classes"] == [dm.TARGET]
+    assert info.before["poisoned_classes"] == [dm.TARGET]
     assert "attack success rate" in result.to_text()
     state = torch.load(out, weights_only=True)
     assert set(state) == set(original)
@@ -190,7 +196,7 @@ def test_nothing_to_repair_on_a_clean_report(case: dict) -> None:
     clean = _report(["clean"] * 3, rule=("transfer",))
     out = case["dir"] / "untouched.pt"
     result = backdoorscan.repair(case["model"], case["x"], case["y"], report=clean, output=out)
-    assert result.repair["mode"] == "clean" and exit_code(result) == 0
+    assert result.repair.mode == "clean" and exit_code(result) == 0
     assert not out.exists()
 
 
@@ -204,7 +210,7 @@ def _report(verdicts: list[str], rule: tuple[str, ...], n: int = 10) -> Report:
     classes = []
     for c, verdict in enumerate(verdicts):
         idx = np.flatnonzero(labels == c)[:3]
-        scores[idx] = 0.8 if verdict == "poisoned" else 0.4
+        scores[idx] = 0.8
         classes.append(
             ClassResult(
                 c,
@@ -216,36 +222,37 @@ def _report(verdicts: list[str], rule: tuple[str, ...], n: int = 10) -> Report:
                 votes={"size": True, "separation": verdict == "poisoned"},
                 n_flagged=3 if verdict == "poisoned" else 0,
                 suspected_source=(c + 1) % len(verdicts) if verdict == "poisoned" else None,
+                members=idx,
             )
         )
-    return Report(
+    report = Report(
         tool_version="test",
         settings={"rule_applied": list(rule)},
         classes=classes,
-        flagged_indices=np.flatnonzero(scores > 0.5),
+        flagged_indices=np.zeros(0, dtype=np.int64),
         scores=scores,
     )
+    report.flag_members()
+    return report
 
 
-def _outcome(verdict: str, source: int = 2) -> dict:
+def _outcome(verdict: str, source: int = 2, source_share: float | None = None) -> ExreOutcome:
     own = 0.1 if verdict == "poison" else 0.9
-    return {
-        "n": 3, "own_share": own, "source": source, "source_share": 1 - own,
-        "ratio": own / (1 - own), "verdict": verdict,
-    }  # fmt: skip
+    share = 1 - own if source_share is None else source_share
+    return ExreOutcome(3, own, source, share, own / (1 - own), verdict)
 
 
 def test_cluster_outcome_figures() -> None:
     out = cluster_outcome(np.array([2, 2, 2, 1, 0]), label=1, threshold=1.0, num_classes=3)
-    assert out["source"] == 2 and out["own_share"] == pytest.approx(0.2)
-    assert out["ratio"] == pytest.approx(0.2 / 0.6) and out["verdict"] == "poison"
+    assert out.source == 2 and out.own_share == pytest.approx(0.2)
+    assert out.ratio == pytest.approx(0.2 / 0.6) and out.verdict == "poison"
     legit = cluster_outcome(np.array([1, 1, 1, 2]), label=1, threshold=1.0, num_classes=3)
-    assert legit["verdict"] == "legitimate" and legit["ratio"] == pytest.approx(3.0)
+    assert legit.verdict == "legitimate" and legit.ratio == pytest.approx(3.0)
     alone = cluster_outcome(np.array([1, 1]), label=1, threshold=1.0, num_classes=3)
-    assert alone["source"] is None and alone["verdict"] == "legitimate"
+    assert alone.source is None and alone.verdict == "legitimate"
 
 
-def test_suspicious_clusters_from_scores() -> None:
+def test_suspicious_clusters_from_the_report() -> None:
     rep = _report(["poisoned", "clean", "skipped"], rule=("transfer",))
     rep.classes[2].suspicious_cluster = None
     labels = np.repeat(np.arange(3), 10)
@@ -292,26 +299,30 @@ def test_plan_repair_per_sample_and_without_source() -> None:
     rep = _report(["poisoned", "poisoned", "clean"], rule=("transfer",))
     labels = np.repeat(np.arange(3), 10)
     # Class 0: ExRe full found no dominant source: per-sample labels, own-label ones removed.
-    rep.classes[0].exre = {"full": {**_outcome("poison"), "source_share": 0.3}}
-    rep.exre_predictions = np.full(30, -1)
-    rep.exre_predictions[[0, 1, 2]] = [2, 1, 0]
+    rep.classes[0].exre = {"full": _outcome("poison", source_share=0.3)}
+    predictions = np.full(30, -1)
+    predictions[[0, 1, 2]] = [2, 1, 0]
+    rep.exre = ExreResult(["full"], 1.0, True, 0.6, {0: 3}, predictions=predictions)
     # Class 1: no suspected source: removed.
     rep.classes[1].suspected_source = None
     plan = plan_repair(rep, labels, "relabel")
-    assert list(plan["labels"][:3]) == [2, 1, -1]
-    assert list(plan["labels"][10:13]) == [-1, -1, -1]
-    assert list(plan["changed"]) == [0, 1] and list(plan["removed"]) == [2, 10, 11, 12]
-    assert any("no suspected source" in note for note in plan["notes"])
+    assert list(plan.labels[:3]) == [2, 1, -1]
+    assert list(plan.labels[10:13]) == [-1, -1, -1]
+    assert list(plan.changed) == [0, 1] and list(plan.removed) == [2, 10, 11, 12]
+    assert any("no suspected source" in note for note in plan.notes)
     removed = plan_repair(rep, labels, "remove")
-    assert list(removed["removed"]) == [0, 1, 2, 10, 11, 12] and len(removed["changed"]) == 0
+    assert list(removed.removed) == [0, 1, 2, 10, 11, 12] and len(removed.changed) == 0
 
 
 def test_repair_exit_codes() -> None:
     still = _report(["poisoned"], rule=("transfer",))
-    still.repair = {"mode": "retrained"}
+    still.repair = RepairResult("relabel", "retrained", "")
     assert exit_code(still) == 1
-    still.repair = {"mode": "data"}
+    still.repair = RepairResult("relabel", "data", "")
     assert exit_code(still) == 0
     nothing = _report(["skipped"], rule=("transfer",))
-    nothing.repair = {"mode": "nothing scanned"}
+    nothing.repair = RepairResult("relabel", "nothing scanned", "")
     assert exit_code(nothing) == 3
+    clean = _report(["clean"], rule=("transfer",))
+    clean.repair = RepairResult("relabel", "failed", "repair failed: ...")
+    assert exit_code(clean) == 1

@@ -169,12 +169,16 @@ def test_hostile_model_is_refused(case: str, tmp_path: Path, data: Path) -> None
 def test_head_inside_control_flow_scans_with_layer(
     builder: Builder, tmp_path: Path, data: Path
 ) -> None:
-    """Refused by default (no head to find), the model scans once the layer is named."""
+    """Refused by default (no head to find), the model scans once the layer is named.
+
+    The model's weights are random (it fits about a tenth of the labels): --min-agreement 0
+    lets the scan judge it anyway, as this test is about reaching the layer."""
     model = builder(tmp_path / "m.onnx")
     report = tmp_path / "r.json"
     code, _, err = hostile.run_cli(
-        "scan", model, "--data", data, "--layer", "hidden", "--format", "json", "-o", report, "-q"
-    )
+        "scan", model, "--data", data, "--layer", "hidden", "--format", "json", "-o", report,
+        "-q", "--min-agreement", "0",
+    )  # fmt: skip
     assert code in (0, 1), err
     doc = json.loads(report.read_text())
     assert doc["model"]["layer"] == "hidden"

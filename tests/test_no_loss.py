@@ -110,7 +110,10 @@ def small(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 def test_report_is_written_whole(tmp_path: Path, small: tuple[Path, Path]) -> None:
     model, data = small
     out = tmp_path / "report.json"
-    code, _, err = hostile.run_cli("scan", model, "--data", data, "--format", "json", "-o", out)
+    # An untrained MLP: judged anyway (--min-agreement 0), as this is about the written file.
+    code, _, err = hostile.run_cli(
+        "scan", model, "--data", data, "--format", "json", "-o", out, "--min-agreement", "0"
+    )
     assert code in (0, 1), err
     assert json.loads(out.read_text())["data"]["n_samples"] == 300
     assert [p.name for p in tmp_path.iterdir()] == ["report.json"]  # no temporary file left

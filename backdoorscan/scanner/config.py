@@ -1,8 +1,13 @@
-"""The detector's parameters, in one place (light to import: the CLI reads its defaults here)."""
+"""The settings of a scan, in one place (light to import: the CLI reads its defaults here).
+
+:class:`DetectConfig` holds what decides the verdict (it is written into the report);
+:class:`RunOptions` how the model runs and the data is read (device, batch size, memory,
+normalisation); :class:`ModelOptions` how an adapter loads a model file.
+"""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 REDUCTIONS = ("pca", "ica", "none")
@@ -35,10 +40,18 @@ class DetectConfig:
     fallback_rule: tuple[str, ...] = ("size", "separation")
     refine: bool = True
     max_share: float = 0.6
+    # A scan whose model predicts fewer than this share of its training labels means nothing:
+    # it is reported as "nothing scanned" (exit 3), never as clean.
+    min_agreement: float = 0.5
     n_jobs: int = 0  # threads for the model and the classes (0: every core)
     seed: int = 0
 
     def __post_init__(self) -> None:
+        for name in ("rule", "fallback_rule"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                value = value.split(",")
+            setattr(self, name, tuple(v.strip() for v in value if v.strip()))
         if not self.reductions or set(self.reductions) - set(REDUCTIONS):
             raise ValueError(
                 f"reduce must be one of {', '.join(REDUCTIONS)} or several joined by '+', "
@@ -57,6 +70,8 @@ class DetectConfig:
                 raise ValueError(f"{name} must name analyses among {', '.join(ANALYSES)}")
         if "transfer" in self.fallback_rule:
             raise ValueError("fallback_rule is used without the model, so not with transfer")
+        if not 0 <= self.min_agreement <= 1:
+            raise ValueError("min_agreement must lie between 0 and 1")
 
     @property
     def reductions(self) -> tuple[str, ...]:
@@ -87,3 +102,93 @@ def parse_clusters(value: int | str | tuple[int, ...] | list[int]) -> int | str 
     if not ks or min(ks) < 2:
         raise ValueError(f"n_clusters must be integers >= 2 or 'auto', not {given!r}")
     return ks[0] if len(ks) == 1 else tuple(sorted(set(ks)))
+
+
+@dataclass
+class RunOptions:
+    """How the model runs and the data is read: built once (by the CLI or :func:`scan`) and
+    passed down; none of it changes the verdict.
+
+    ``max_memory`` (bytes; None: the machine's memory) bounds the scan's arrays; ``scale``,
+    ``mean``, ``std`` normalise float inputs per batch; ``x_key``, ``y_key`` name the arrays
+    of an ``.npz`` data file.
+    """
+
+    device: str = "auto"
+    batch_size: int = 256
+    max_memory: int | None = None
+    scale: float | None = None
+    mean: list[float] | None = None
+    std: list[float] | None = None
+    x_key: str = "x"
+    y_key: str = "y"
+
+    def __post_init__(self) -> None:
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device must be auto, cpu or cuda, not {self.device!r}")
+        if self.batch_size < 1:
+            raise ValueError("batch_size must be at least 1")
+
+    @property
+    def normalisation(self) -> dict[str, Any]:
+        """``scale``, ``mean`` and ``std`` as keyword arguments of ``conform``."""
+        return {"scale": self.scale, "mean": self.mean, "std": self.std}
+
+
+@dataclass
+class ModelOptions:
+    """How an adapter loads a model: the ``layer`` to cluster, and for PyTorch state dicts the
+    architecture (``arch`` as ``module:callable``, ``arch_kwargs``) and per-sample
+    ``input_shape``; ``input_dtype`` (``float32`` or ``int64``) for formats that do not
+    record their input."""
+
+    layer: str | None = None
+    arch: str | None = None
+    arch_kwargs: dict[str, Any] = field(default_factory=dict)
+    input_shape: tuple[int, ...] | None = None
+    input_dtype: str | None = None
+
+    def loader_kwargs(self) -> dict[str, Any]:
+        """The options the adapters' loaders take (those that were given)."""
+        out: dict[str, Any] = {}
+        if self.arch:
+            out["arch"] = self.arch
+        if self.arch_kwargs:
+            out["arch_kwargs"] = dict(self.arch_kwargs)
+        if self.input_shape is not None:
+            out["input_shape"] = tuple(self.input_shape)
+        if self.input_dtype is not None:
+            out["input_dtype"] = self.input_dtype
+        return out
+
+
+def split_settings(
+    caller: str,
+    settings: dict[str, Any],
+    run: RunOptions | None = None,
+    model: ModelOptions | None = None,
+    config: DetectConfig | None = None,
+) -> tuple[RunOptions, ModelOptions, DetectConfig]:
+    """Sort keyword settings into the three settings objects, on top of those given.
+
+    A name that none of them has raises ``TypeError``, as Python does for an unknown keyword:
+    a misspelt setting must not be ignored silently.
+    """
+    groups: list[tuple[Any, Any]] = [
+        (RunOptions, run or RunOptions()),
+        (ModelOptions, model or ModelOptions()),
+        (DetectConfig, config or DetectConfig()),
+    ]
+    known = {f.name: i for i, (cls, _) in enumerate(groups) for f in fields(cls)}
+    unknown = sorted(set(settings) - set(known))
+    if unknown:
+        raise TypeError(f"{caller}() got an unexpected keyword argument {unknown[0]!r}")
+    out = []
+    for i, (cls, base) in enumerate(groups):
+        mine = {k: v for k, v in settings.items() if known[k] == i}
+        if not mine:
+            out.append(base)
+            continue
+        merged = {f.name: getattr(base, f.name) for f in fields(cls)} | mine
+        out.append(cls(**merged))
+    return out[0], out[1], out[2]

@@ -40,6 +40,8 @@ class Dataset:
     dtype: str = "float32"
     layout: str | None = None
     notes: list[str] = field(default_factory=list)
+    # Path and sha256 of the files the data came from (empty for in-memory arrays).
+    files: dict[str, str] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return int(self.y.shape[0])

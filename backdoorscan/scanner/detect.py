@@ -74,8 +74,27 @@ class _Clustering:
         return self._silhouette
 
 
-def reduce_features(f: np.ndarray, cfg: DetectConfig, seed: int, method: str) -> np.ndarray:
-    """Centre, drop dead units and project one class's activations to ``n_components`` dims."""
+# A sample in a cluster scores at least this (its membership is at least half the way to the
+# cluster's centre); the scores of samples outside the cluster stay below it.
+MEMBER_SCORE = 0.5 + 1e-6
+# The carriers of a confirmed trigger: a score of at least this share of the trigger, and no
+# lower than the cluster's median less this many robust standard deviations; the per-sample
+# split replaces the cluster only where the two mostly agree (Jaccard index).
+CARRIER_MIN = 0.5
+CARRIER_MADS = 4.0
+CARRIER_JACCARD = 0.5
+# Among the clusterings the model confirms about equally (within this transfer rate), the best
+# separated is reported.
+TRANSFER_TIE = 0.1
+
+
+def reduce_features(
+    f: np.ndarray, cfg: DetectConfig, seed: int, method: str, capped: list[str] | None = None
+) -> np.ndarray:
+    """Centre, drop dead units and project one class's activations to ``n_components`` dims.
+
+    A FastICA run that stops at ``ica_max_iter`` without converging appends ``method`` to
+    ``capped`` (the report says so, as scikit-learn warns)."""
     f = np.asarray(f, dtype=np.float64)
     live = f.std(axis=0) > 1e-12
     f = f[:, live] if live.any() else f[:, :1]
@@ -84,7 +103,9 @@ def reduce_features(f: np.ndarray, cfg: DetectConfig, seed: int, method: str) ->
         return f - f.mean(axis=0)
     if method == "ica":
         rows = _fit_rows(len(f), cfg, seed)
-        _, unmixing, _ = fastica(f[rows], k, max_iter=cfg.ica_max_iter, random_state=seed)
+        _, unmixing, n_iter = fastica(f[rows], k, max_iter=cfg.ica_max_iter, random_state=seed)
+        if capped is not None and n_iter >= cfg.ica_max_iter:
+            capped.append(method)
         return (f - f[rows].mean(axis=0)) @ unmixing.T
     z, _, _ = pca(f, k)
     return z
@@ -149,10 +170,9 @@ def _class_medians(
 class TransferTest(Protocol):
     """Asks the model whether a cluster's shared perturbation acts as a trigger."""
 
-    def __call__(
-        self, indices: np.ndarray, label: int, seed: int
-    ) -> tuple[float, int | None, Any, dict[int, float]]:
-        """Transfer rate, suspected source, the estimated trigger (or None), rate per class."""
+    def __call__(self, indices: np.ndarray, label: int, seed: int) -> Any:
+        """A result with ``rate`` (transfer rate), ``source`` (suspected source), ``trigger``
+        (the estimated trigger, or None) and ``rates`` (rate per class stamped)."""
         ...
 
     def trigger(self, indices: np.ndarray, seed: int) -> Any:
@@ -180,12 +200,14 @@ class _Candidate:
     rates: dict[int, float] | None = None
 
 
-def _candidates(f: np.ndarray, cfg: DetectConfig, seed: int) -> list[_Candidate]:
+def _candidates(
+    f: np.ndarray, cfg: DetectConfig, seed: int, capped: list[str] | None = None
+) -> list[_Candidate]:
     """Every cluster of every clustering of one class (duplicates across reductions dropped)."""
     out: list[_Candidate] = []
     seen: set[bytes] = set()
     for method in cfg.reductions:
-        z = reduce_features(f, cfg, seed, method)
+        z = reduce_features(f, cfg, seed, method, capped)
         for fit in _cluster(z, cfg, seed):
             fit.reduction = f"{method} k={fit.k}"
             sizes = np.bincount(fit.labels, minlength=fit.k)
@@ -262,7 +284,9 @@ def detect(
     jobs = [np.flatnonzero(labels == c) for c in classes]
 
     def one(c: int, idx: np.ndarray) -> tuple[ClassResult, np.ndarray | None]:
-        return _detect_class(int(c), idx, features[idx], cfg, rule, medians, transfer)
+        return _detect_class(int(c), idx, features[idx], cfg, rule, medians, transfer, capped)
+
+    capped: list[str] = []  # list.append is atomic: the class threads share it
 
     # Classes are independent and their kernels release the GIL: a thread each, results in
     # class order (each class is seeded on its own, so the report does not depend on n_jobs).
@@ -283,19 +307,25 @@ def detect(
             "the data holds one class only: the transfer test needs samples of other classes "
             "to stamp, so no cluster could be confirmed"
         )
-    flagged = np.flatnonzero(scores > 0.5)
+    if capped:
+        notes.append(
+            f"FastICA stopped at its iteration cap ({cfg.ica_max_iter}) without converging in "
+            f"{len(capped)} class(es); its clusters were still used, beside PCA's"
+        )
     settings = cfg.as_dict()
     settings["rule_applied"] = list(rule)
-    return Report(
+    report = Report(
         tool_version=__version__,
         settings=settings,
         classes=results,
-        flagged_indices=flagged,
+        flagged_indices=np.zeros(0, dtype=np.int64),
         scores=scores,
         data={"n_samples": n, "n_classes": len(classes)},
         timings={"detect": time.perf_counter() - t0},
         notes=notes,
     )
+    report.flag_members()
+    return report
 
 
 def _n_jobs(n_jobs: int) -> int:
@@ -317,6 +347,7 @@ def _detect_class(
     rule: tuple[str, ...],
     medians: dict[int, np.ndarray],
     transfer: TransferTest | None,
+    capped: list[str] | None = None,
 ) -> tuple[ClassResult, np.ndarray | None]:
     """One class's verdict, and its samples' membership scores (None when skipped)."""
     if len(idx) < max(cfg.min_class_size, 3):
@@ -327,7 +358,7 @@ def _detect_class(
             reason=f"{len(idx)} samples, fewer than the {cfg.min_class_size} needed",
         ), None
     seed = cfg.seed + c
-    cands = _candidates(f, cfg, seed)
+    cands = _candidates(f, cfg, seed, capped)
     if not cands:  # every sample of the class has the same activations
         return ClassResult(
             c,
@@ -342,16 +373,16 @@ def _detect_class(
             cand.distance, cand.nearest = _distance(f, cand.members, medians, c)
         pre = _votes(cand, cfg, cheap)
         if transfer is not None and "transfer" in rule and all(pre.values()):
-            cand.transfer, cand.source, cand.trigger, cand.rates = transfer(
-                idx[cand.members], c, seed
-            )
+            found = transfer(idx[cand.members], c, seed)
+            cand.transfer, cand.source = found.rate, found.source
+            cand.trigger, cand.rates = found.trigger, found.rates
     passing = [cd for cd in cands if all(_votes(cd, cfg, rule).get(a, False) for a in rule)]
     poisoned = bool(passing)
     if passing:
         # Several clusterings may find the poison: among those the model confirms about
         # equally, the best separated is the purest.
         top = max(cd.transfer or 0.0 for cd in passing)
-        near_top = [cd for cd in passing if (cd.transfer or 0.0) >= top - 0.1]
+        near_top = [cd for cd in passing if (cd.transfer or 0.0) >= top - TRANSFER_TIE]
         best = max(near_top, key=lambda cd: cd.separation)
     else:
         # Report the most suspicious cluster: the one the model answered most, else small
@@ -367,6 +398,7 @@ def _detect_class(
     members, fit = best.members, best.fit
     z = fit.z
     refined = False
+    trigger = best.trigger if poisoned else None
     if poisoned and cfg.refine and transfer is not None and best.trigger is not None:
         sharp = transfer.trigger(idx[members], seed)
         trigger = best.trigger if sharp is None else sharp
@@ -380,8 +412,7 @@ def _detect_class(
     d_c = np.linalg.norm(z - z[members].mean(axis=0), axis=1)
     d_r = np.linalg.norm(z - z[~members].mean(axis=0), axis=1)
     membership = np.where(members, d_r / np.maximum(d_c + d_r, 1e-12), 0.0)
-    membership = np.where(members, np.maximum(membership, 0.5 + 1e-6), membership)
-    class_scores = membership if poisoned else membership * 0.5
+    class_scores = np.where(members, np.maximum(membership, MEMBER_SCORE), membership)
     source = None
     if poisoned:
         source = best.source
@@ -409,6 +440,8 @@ def _detect_class(
         if poisoned
         else [],
         suspected_source=source,
+        members=idx[members],
+        trigger=trigger,
     ), class_scores
 
 
@@ -423,9 +456,9 @@ def _carriers(scores: np.ndarray, members: np.ndarray) -> np.ndarray | None:
     inside = scores[members]
     median = float(np.median(inside))
     mad = float(np.median(np.abs(inside - median))) * 1.4826
-    carriers = scores >= max(0.5, median - 4.0 * mad)
+    carriers = scores >= max(CARRIER_MIN, median - CARRIER_MADS * mad)
     jaccard = (carriers & members).sum() / max((carriers | members).sum(), 1)
-    if not carriers.any() or carriers.all() or jaccard < 0.5:
+    if not carriers.any() or carriers.all() or jaccard < CARRIER_JACCARD:
         return None
     return carriers
 

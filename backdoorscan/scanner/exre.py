@@ -39,9 +39,9 @@ from typing import Any
 
 import numpy as np
 
-from backdoorscan.adapters.base import Adapter, AdapterError
+from backdoorscan.adapters.base import Adapter, AdapterError, Retrainable
 from backdoorscan.scanner.data import Dataset
-from backdoorscan.scanner.report import Report
+from backdoorscan.scanner.report import ClassResult, ExreOutcome, ExreResult, Report
 
 __all__ = [
     "EXRE_METHODS",
@@ -59,10 +59,9 @@ __all__ = [
 EXRE_METHODS = ("auto", "full", "probe", "both")
 INITS = ("scratch", "continue")
 PROBE_SPACES = ("auto", "input", "features")
-# Score above which a sample belongs to its class's candidate cluster: detect() scores the
-# members of an unflagged class's candidate at half their membership (>= 0.5), so > 0.25.
-CANDIDATE_SCORE = 0.25
-FLAG_SCORE = 0.5
+# The retrained model must classify at least this share of what the original model gets right
+# on the kept data, or its answers are inconclusive.
+UNDERTRAINED = 0.9
 
 
 class ExreError(ValueError):
@@ -118,7 +117,7 @@ def resolve_method(method: str, adapter: Adapter | None) -> tuple[str, ...]:
         return ("full", "probe")
     if method != "auto":
         return (method,)
-    if adapter is not None and adapter.can_fit and callable(getattr(adapter, "reinitialize", None)):
+    if isinstance(adapter, Retrainable) and adapter.can_fit:
         return ("full",)
     return ("probe",)
 
@@ -133,32 +132,28 @@ def suspicious_clusters(
     """Sample indices of the cluster ExRe examines in each class.
 
     Poisoned classes: their flagged samples. With ``include_unflagged``, every other analysed
-    class: the members of its best candidate (recovered from the scores), where they hold at
+    class: the members of its best candidate (``ClassResult.members``), where they hold at
     most ``max_share`` of the class.
     """
     labels = np.asarray(labels)
-    scores = report.scores
     out: dict[int, np.ndarray] = {}
     for c in report.classes:
-        if c.verdict == "skipped" or c.suspicious_cluster is None:
+        if c.verdict == "skipped" or c.suspicious_cluster is None or c.members is None:
             continue
-        in_class = labels == c.label
-        if c.verdict == "poisoned":
-            members = np.flatnonzero(in_class & (scores > FLAG_SCORE))
-        elif include_unflagged:
-            members = np.flatnonzero(in_class & (scores > CANDIDATE_SCORE))
-            if len(members) > max_share * int(in_class.sum()):
-                continue
-        else:
+        if c.verdict != "poisoned" and not include_unflagged:
             continue
-        if len(members) and len(members) < int(in_class.sum()):
+        members = np.asarray(c.members, dtype=np.int64)
+        size = int((labels == c.label).sum())
+        if c.verdict != "poisoned" and len(members) > max_share * size:
+            continue
+        if len(members) and len(members) < size:
             out[c.label] = members
     return out
 
 
 def cluster_outcome(
     predictions: np.ndarray, label: int, threshold: float, num_classes: int
-) -> dict[str, Any]:
+) -> ExreOutcome:
     """ExRe's figures for one cluster from the predictions of the excluding classifier."""
     n = len(predictions)
     counts = np.bincount(predictions, minlength=max(num_classes, label + 1)).astype(float)
@@ -170,31 +165,22 @@ def cluster_outcome(
     top = float(shares[source])
     ratio = own / top if top > 0 else float("inf")
     poison = top > 0 and ratio < threshold
-    return {
-        "n": int(n),
-        "own_share": own,
-        "source": source if top > 0 else None,
-        "source_share": top,
-        "ratio": ratio,
-        "verdict": "poison" if poison else "legitimate",
-    }
+    return ExreOutcome(
+        n=int(n),
+        own_share=own,
+        source=source if top > 0 else None,
+        source_share=top,
+        ratio=ratio,
+        verdict="poison" if poison else "legitimate",
+    )
 
 
 def _predict(adapter: Adapter, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
-    """Predicted classes from the adapter's own framework, or through its ONNX export."""
-    predict = getattr(adapter, "predict_logits", None)
-    if callable(predict):
-        logits = np.asarray(predict(x, batch_size=batch_size))
-        return logits.reshape(len(x), -1).argmax(axis=1)
-    from backdoorscan.scanner.extract import make_session
-
-    export = adapter.to_onnx()
-    session = make_session(export, "auto")
-    out = []
-    for s in range(0, len(x), batch_size):
-        (logits,) = session.run([export.logits_name], {export.input_name: x[s : s + batch_size]})  # type: ignore[attr-defined]
-        out.append(np.asarray(logits).reshape(len(x[s : s + batch_size]), -1).argmax(axis=1))
-    return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
+    """Predicted classes from the adapter's own framework."""
+    if len(x) == 0:
+        return np.zeros(0, dtype=np.int64)
+    logits = np.asarray(adapter.predict_logits(x, batch_size=batch_size))
+    return logits.reshape(len(x), -1).argmax(axis=1)
 
 
 def exre_full(
@@ -203,29 +189,21 @@ def exre_full(
     clusters: dict[int, np.ndarray],
     config: ExreConfig,
     num_classes: int,
-) -> tuple[dict[int, dict[str, Any]], np.ndarray, dict[str, Any]]:
+) -> tuple[dict[int, ExreOutcome], np.ndarray, dict[str, Any]]:
     """Retrain a copy of the model without every suspicious cluster; classify each cluster.
 
     Returns per-class outcomes, per-sample predictions (-1 where not asked) and what was done.
     """
-    if not adapter.can_fit:
+    if not adapter.can_fit or not isinstance(adapter, Retrainable):
         raise ExreError(
             f"ExRe 'full' retrains the model, and this {adapter.framework} model cannot be "
-            f"trained ({getattr(adapter, 'fit_reason', '') or 'no training support'}); "
-            "use --exre probe"
+            f"trained ({adapter.fit_reason or 'no training support'}); use --exre probe"
         )
     t0 = time.perf_counter()
     twin = adapter.clone()
     if config.init == "scratch":
-        reset = getattr(twin, "reinitialize", None)
-        if not callable(reset):
-            raise ExreError(
-                f"ExRe 'full' retrains from scratch, and the {adapter.framework} adapter cannot "
-                "re-initialise the model's weights; use --exre probe (continuing from the "
-                "poisoned weights keeps the backdoor and would call poison legitimate)"
-            )
         try:
-            reset(seed=config.seed)
+            twin.reinitialize(seed=config.seed)
         except AdapterError as exc:
             raise ExreError(f"ExRe 'full' cannot re-initialise the model: {exc}") from None
     n = len(data)
@@ -260,10 +238,10 @@ def exre_full(
     x_check, y_check = data.take(check), data.y[check]
     acc_new = float((_predict(twin, x_check) == y_check).mean())
     acc_old = float((_predict(adapter, x_check) == y_check).mean())
-    undertrained = acc_new < 0.9 * acc_old
+    undertrained = acc_new < UNDERTRAINED * acc_old
     if undertrained:
         for o in outcomes.values():
-            o["verdict"] = "inconclusive"
+            o.verdict = "inconclusive"
     info = {
         "init": config.init,
         "epochs": epochs,
@@ -288,7 +266,7 @@ def exre_probe(
     num_classes: int,
     *,
     space: str = "features",
-) -> tuple[dict[int, dict[str, Any]], np.ndarray, dict[str, Any]]:
+) -> tuple[dict[int, ExreOutcome], np.ndarray, dict[str, Any]]:
     """Fit a logistic regression on the kept samples' ``features`` (activations or the input
     sketch, as ``space`` says); classify each cluster.
 
@@ -345,11 +323,12 @@ def run_exre(
     adapter: Adapter | None = None,
     data: Dataset | None = None,
     num_classes: int | None = None,
-) -> Report:
+) -> ExreResult:
     """Run ExRe as configured on the report's suspicious clusters and fold the outcome in.
 
     ``full`` needs ``adapter`` and ``data`` (converted for the model); ``probe`` needs the
-    input ``sketch`` or the ``features``. The report is changed in place and returned.
+    input ``sketch`` or the ``features``. The report's class verdicts and ``exre`` are updated
+    in place; the result (also ``report.exre``) is returned.
     """
     methods = resolve_method(config.method, adapter)
     labels = np.asarray(labels)
@@ -357,33 +336,31 @@ def run_exre(
     clusters = suspicious_clusters(
         report, labels, include_unflagged=config.include_unflagged, max_share=config.max_share
     )
-    results: dict[str, dict[int, dict[str, Any]]] = {}
-    summary: dict[str, Any] = {
-        "methods": list(methods),
-        "threshold": config.threshold,
-        "include_unflagged": config.include_unflagged,
-        "max_share": config.max_share,
-        "clusters": {int(c): len(idx) for c, idx in clusters.items()},
-    }
-    skipped = [
-        c.label
-        for c in report.classes
-        if c.verdict == "clean" and config.include_unflagged and c.label not in clusters
-    ]
-    if skipped:
-        summary["not_examined"] = skipped
+    result = ExreResult(
+        methods=list(methods),
+        threshold=config.threshold,
+        include_unflagged=config.include_unflagged,
+        max_share=config.max_share,
+        clusters={int(c): len(idx) for c, idx in clusters.items()},
+        not_examined=[
+            c.label
+            for c in report.classes
+            if c.verdict == "clean" and config.include_unflagged and c.label not in clusters
+        ],
+    )
     if config.method == "auto" and methods == ("probe",):
         report.notes.append(
             "ExRe ran as 'probe': this model cannot be re-initialised and retrained here"
         )
+    outcomes: dict[str, dict[int, ExreOutcome]] = {}
     for method in methods:
         if not clusters:
             break
         if method == "full":
             if adapter is None or data is None:
                 raise ExreError("ExRe 'full' needs the model and its training data")
-            outcomes, preds, info = exre_full(adapter, data, clusters, config, k)
-            report.exre_predictions = preds
+            found, preds, info = exre_full(adapter, data, clusters, config, k)
+            result.predictions = preds
         else:
             space = config.probe_space
             if space == "auto":
@@ -394,9 +371,9 @@ def run_exre(
                     "ExRe 'probe' needs the "
                     + ("input sketch of a scan" if space == "input" else "activations")
                 )
-            outcomes, preds, info = exre_probe(source, labels, clusters, config, k, space=space)
-        results[method] = outcomes
-        summary[method] = info
+            found, preds, info = exre_probe(source, labels, clusters, config, k, space=space)
+        outcomes[method] = found
+        result.runs[method] = info
         if info.get("undertrained"):
             report.notes.append(
                 f"ExRe full is inconclusive: the model retrained without the suspicious clusters "
@@ -404,14 +381,14 @@ def run_exre(
                 f"{info['kept_accuracy_original']:.0%}); raise --exre-epochs"
             )
         report.timings[f"exre_{method}"] = float(info["time_s"])
-    report.exre = summary
-    combine(report, results, config, labels)
-    return report
+    report.exre = result
+    combine(report, outcomes, config, labels)
+    return result
 
 
 def combine(
     report: Report,
-    results: dict[str, dict[int, dict[str, Any]]],
+    results: dict[str, dict[int, ExreOutcome]],
     config: ExreConfig,
     labels: np.ndarray,
 ) -> None:
@@ -426,16 +403,16 @@ def combine(
         per_method = {m: r[c.label] for m, r in results.items() if c.label in r}
         if not per_method:
             continue
-        c.exre = {m: dict(o) for m, o in per_method.items()}
+        c.exre = dict(per_method)
         conclusive = [m for m in ("full", "probe") if m in per_method]
-        conclusive = [m for m in conclusive if per_method[m]["verdict"] != "inconclusive"]
+        conclusive = [m for m in conclusive if per_method[m].verdict != "inconclusive"]
         if not conclusive:
             c.reason = _join(c.reason, "ExRe inconclusive: the retrained model is undertrained")
             continue
         decider = conclusive[0]
         outcome = per_method[decider]
-        poison = outcome["verdict"] == "poison"
-        c.exre["decided_by"] = decider
+        poison = outcome.verdict == "poison"
+        c.exre_decided_by = decider
         c.votes["exre"] = poison
         detector_source = c.suspected_source
         if "transfer" in rule:
@@ -446,7 +423,7 @@ def combine(
             elif c.verdict == "poisoned":
                 c.reason = _join(
                     c.reason,
-                    f"ExRe {decider} disagrees (own share {outcome['own_share']:.2f}); "
+                    f"ExRe {decider} disagrees (own share {outcome.own_share:.2f}); "
                     "the transfer test decides",
                 )
             elif poison:
@@ -458,40 +435,26 @@ def combine(
         # Without the model's transfer test, ExRe takes the place of the size vote.
         poisoned = poison and all(c.votes.get(a, False) for a in rule if a != "size")
         if poisoned and c.verdict != "poisoned":
-            _promote(report, c, labels)
+            c.verdict = "poisoned"
+            c.n_flagged = len(c.members) if c.members is not None else 0
             c.reason = _join(c.reason, f"flagged by ExRe {decider} in place of the size rule")
         elif not poisoned and c.verdict == "poisoned":
-            _demote(report, c, labels)
+            c.verdict, c.n_flagged, c.suspected_source = "clean", 0, None
             c.reason = _join(c.reason, f"cleared by ExRe {decider}")
         if poisoned:
             _set_source(c, outcome, detector_source)
-    report.flagged_indices = np.flatnonzero(report.scores > FLAG_SCORE)
+    report.flag_members()
 
 
-def _set_source(c: Any, outcome: dict[str, Any], detector_source: int | None) -> None:
+def _set_source(c: ClassResult, outcome: ExreOutcome, detector_source: int | None) -> None:
     """Keep the transfer test's source where it named one (it stamps each class in turn); a
     retrained model's answer for triggered samples can be pulled by the trigger itself."""
     if detector_source is None or c.transfer is None:
-        c.suspected_source = outcome["source"]
-    elif outcome["source"] is not None and outcome["source"] != detector_source:
+        c.suspected_source = outcome.source
+    elif outcome.source is not None and outcome.source != detector_source:
         c.reason = _join(
-            c.reason, f"ExRe names source {outcome['source']}, the transfer test {detector_source}"
+            c.reason, f"ExRe names source {outcome.source}, the transfer test {detector_source}"
         )
-
-
-def _promote(report: Report, c: Any, labels: np.ndarray) -> None:
-    members = (labels == c.label) & (report.scores > CANDIDATE_SCORE)
-    report.scores[members] = np.minimum(report.scores[members] * 2.0, 1.0)
-    c.verdict = "poisoned"
-    c.n_flagged = int(members.sum())
-
-
-def _demote(report: Report, c: Any, labels: np.ndarray) -> None:
-    members = (labels == c.label) & (report.scores > FLAG_SCORE)
-    report.scores[members] = report.scores[members] * 0.5
-    c.verdict = "clean"
-    c.n_flagged = 0
-    c.suspected_source = None
 
 
 def _join(reason: str, extra: str) -> str:

@@ -103,6 +103,18 @@ class _quiet_stderr:  # noqa: N801 - used as a context manager, reads like a fun
             os.close(self._saved)
 
 
+def predict_classes(
+    session: object, export: OnnxExport, x: np.ndarray, batch_size: int = 256
+) -> np.ndarray:
+    """The model's predicted class for each of the converted samples ``x``, in batches."""
+    out = [np.zeros(0, dtype=np.int64)]
+    for s in range(0, len(x), batch_size):
+        xb = x[s : s + batch_size]
+        (logits,) = session.run([export.logits_name], {export.input_name: xb})  # type: ignore[attr-defined]
+        out.append(_per_sample(logits, len(xb), "logits").argmax(axis=1))
+    return np.concatenate(out)
+
+
 def session_provider(session: object) -> str:
     """The provider that runs the graph: the first one the session really holds."""
     return session.get_providers()[0]  # type: ignore[attr-defined]

@@ -1,4 +1,5 @@
-"""Repair: relabel (or drop) the samples a scan flagged, retrain, save, and scan again.
+"""Repair: relabel (or drop) the samples a scan flagged, retrain until the attack is gone, and
+prove it by scanning the repaired model with the original training data.
 
 ``relabel`` (the paper's choice) gives each flagged sample its suspected source label and
 continues training from the current weights, so that the model unlearns trigger -> target;
@@ -13,32 +14,114 @@ continues training from the current weights, so that the model unlearns trigger 
 - removal, for samples of a class with no suspected source, and, in the per-sample case, for
   samples that the excluding model still calls by their own label.
 
+Retraining runs one epoch at a time, up to ``epochs``, and stops as soon as the attack success
+rate is below ``max_asr`` with clean accuracy at most ``max_acc_drop`` below the original's and
+the repaired model, scanned with the ORIGINAL training data, shows no poison. Attack success is
+measured on ``trigger_test`` (the share of triggered samples not predicted as their true label)
+or, without one, on held-out samples of the suspected source stamped with the trigger the scan
+estimated (the share sent to the poisoned class: the estimate is not the exact trigger, and a
+perturbation may confuse a model without being a backdoor); clean accuracy on ``test`` or on
+the held-out samples. The rescan uses the original data because the relabelled data would hide
+the backdoor from the scan (the poison no longer carries its target label), and it catches a
+trigger that still works from a class the trigger test does not hold. A repair that does not
+get there within its budget says "repair failed", keeps the best model it found, and exits 1.
+
 A model whose framework cannot train (a bare ONNX file) is not retrained: the relabelled (or
 reduced) data set is written instead, for the user to retrain with.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import io
 import time
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from backdoorscan import adapters
 from backdoorscan._io import atomic_write_bytes
-from backdoorscan.adapters.base import Adapter, OnnxExport
-from backdoorscan.scanner.data import DataError, Dataset, conform, from_arrays, load_data
-from backdoorscan.scanner.report import EXIT_CLEAN, EXIT_NOTHING, Report
+from backdoorscan.adapters.base import Adapter, OnnxExport, Retrainable
+from backdoorscan.scanner.config import DetectConfig, ModelOptions, RunOptions, split_settings
+from backdoorscan.scanner.data import Dataset, conform, load_data
+from backdoorscan.scanner.exre import ExreConfig
+from backdoorscan.scanner.pipeline import Prepared, exre_config, load_dataset, prepare, run
+from backdoorscan.scanner.report import (
+    EXIT_CLEAN,
+    EXIT_FOUND,
+    EXIT_NOTHING,
+    RepairResult,
+    Report,
+)
 
-__all__ = ["STRATEGIES", "exit_code", "measure", "plan_repair", "repair"]
+__all__ = ["STRATEGIES", "RepairConfig", "RepairPlan", "exit_code", "plan_repair", "repair"]
 
 STRATEGIES = ("relabel", "remove")
 # Below this share of a cluster for its top other class, ExRe's per-sample answers are used.
 SINGLE_SOURCE_SHARE = 0.5
+# Held-out samples (kept out of retraining) where no test set is given: this share of the
+# clean samples, at least MIN_HOLDOUT (or a quarter of them), at most MAX_HOLDOUT.
+MIN_HOLDOUT, MAX_HOLDOUT = 300, 2000
 
 
-def plan_repair(report: Report, labels: np.ndarray, strategy: str = "relabel") -> dict[str, Any]:
+@dataclass
+class RepairConfig:
+    """How repair retrains and when it is done.
+
+    ``epochs`` is the budget: retraining stops at the first epoch after which the attack
+    success rate is below ``max_asr`` and clean accuracy is at most ``max_acc_drop`` below the
+    original model's. ``holdout`` is the share of clean samples kept out of retraining to
+    measure on when no test set is given.
+    """
+
+    strategy: str = "relabel"
+    epochs: int = 20
+    lr: float = 1e-3
+    train_batch_size: int = 128
+    max_asr: float = 0.05
+    max_acc_drop: float = 0.01
+    holdout: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise ValueError(
+                f"strategy must be one of {', '.join(STRATEGIES)}, not {self.strategy!r}"
+            )
+        if self.epochs < 1:
+            raise ValueError("repair needs at least one epoch of retraining")
+        if not 0 <= self.max_asr <= 1 or not 0 <= self.max_acc_drop <= 1:
+            raise ValueError("max_asr and max_acc_drop must lie between 0 and 1")
+        if not 0 < self.holdout < 0.5:
+            raise ValueError("holdout must lie between 0 and 0.5")
+
+
+@dataclass
+class RepairPlan:
+    """New labels for the data set (-1: removed) and what changed, per poisoned class."""
+
+    original: np.ndarray
+    labels: np.ndarray
+    per_class: dict[int, dict[str, Any]]
+    notes: list[str]
+
+    @property
+    def keep(self) -> np.ndarray:
+        """Mask of the samples kept for retraining."""
+        return self.labels >= 0
+
+    @property
+    def changed(self) -> np.ndarray:
+        """Indices of the samples relabelled."""
+        return np.flatnonzero(self.keep & (self.labels != self.original))
+
+    @property
+    def removed(self) -> np.ndarray:
+        """Indices of the samples removed."""
+        return np.flatnonzero(~self.keep)
+
+
+def plan_repair(report: Report, labels: np.ndarray, strategy: str = "relabel") -> RepairPlan:
     """New labels for the data set (-1: removed) and what changed, per poisoned class."""
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, not {strategy!r}")
@@ -47,7 +130,7 @@ def plan_repair(report: Report, labels: np.ndarray, strategy: str = "relabel") -
     flagged = report.is_flagged()
     per_class: dict[int, dict[str, Any]] = {}
     notes: list[str] = []
-    preds = report.exre_predictions
+    preds = report.exre.predictions if report.exre is not None else None
     for c in report.classes:
         if c.verdict != "poisoned":
             continue
@@ -56,52 +139,42 @@ def plan_repair(report: Report, labels: np.ndarray, strategy: str = "relabel") -
         if strategy == "remove":
             new[idx] = -1
             row |= {"removed": len(idx), "how": "removed"}
+            per_class[c.label] = row
+            continue
+        full = (c.exre or {}).get("full")
+        # Many sources: the transfer test's trigger sends most other classes to this one
+        # (an all-to-one attack; a trigger learnt from one source often works on a few
+        # more); without the transfer test, ExRe full's answers are spread.
+        if c.transfer_sources:
+            many = len(c.transfer_sources) >= max(2, (len(report.classes) - 1) / 2)
         else:
-            full = (c.exre or {}).get("full") or {}
-            # Many sources: the transfer test's trigger sends most other classes to this one
-            # (an all-to-one attack; a trigger learnt from one source often works on a few
-            # more); without the transfer test, ExRe full's answers are spread.
-            if c.transfer_sources:
-                many = len(c.transfer_sources) >= max(2, (len(report.classes) - 1) / 2)
-            else:
-                many = float(full.get("source_share") or 0.0) < SINGLE_SOURCE_SHARE
-            spread = preds is not None and full.get("verdict") == "poison" and many
-            if spread and preds is not None:
-                target = preds[idx]
-                bad = (target < 0) | (target == c.label)
-                new[idx] = np.where(bad, -1, target)
-                row |= {
-                    "relabelled": int((~bad).sum()),
-                    "removed": int(bad.sum()),
-                    "how": "per sample, from the model retrained without the cluster (ExRe full)",
-                    "to": _counts(target[~bad]),
-                }
-            elif c.suspected_source is not None:
-                new[idx] = c.suspected_source
-                row |= {
-                    "relabelled": len(idx),
-                    "how": "to the suspected source",
-                    "to": {int(c.suspected_source): len(idx)},
-                }
-            else:
-                new[idx] = -1
-                row |= {"removed": len(idx), "how": "removed: no suspected source"}
-                notes.append(
-                    f"class {c.label} has no suspected source: its {len(idx)} flagged samples "
-                    "were removed instead of relabelled"
-                )
+            many = full is None or full.source_share < SINGLE_SOURCE_SHARE
+        if preds is not None and full is not None and full.verdict == "poison" and many:
+            target = preds[idx]
+            bad = (target < 0) | (target == c.label)
+            new[idx] = np.where(bad, -1, target)
+            row |= {
+                "relabelled": int((~bad).sum()),
+                "removed": int(bad.sum()),
+                "how": "per sample, from the model retrained without the cluster (ExRe full)",
+                "to": _counts(target[~bad]),
+            }
+        elif c.suspected_source is not None:
+            new[idx] = c.suspected_source
+            row |= {
+                "relabelled": len(idx),
+                "how": "to the suspected source",
+                "to": {int(c.suspected_source): len(idx)},
+            }
+        else:
+            new[idx] = -1
+            row |= {"removed": len(idx), "how": "removed: no suspected source"}
+            notes.append(
+                f"class {c.label} has no suspected source: its {len(idx)} flagged samples "
+                "were removed instead of relabelled"
+            )
         per_class[c.label] = row
-    keep = new >= 0
-    changed = np.flatnonzero(keep & (new != labels))
-    removed = np.flatnonzero(~keep)
-    return {
-        "labels": new,
-        "keep": keep,
-        "changed": changed,
-        "removed": removed,
-        "per_class": per_class,
-        "notes": notes,
-    }
+    return RepairPlan(labels, new, per_class, notes)
 
 
 def _counts(values: np.ndarray) -> dict[int, int]:
@@ -109,106 +182,138 @@ def _counts(values: np.ndarray) -> dict[int, int]:
     return {int(k): int(n) for k, n in zip(keys, counts, strict=True)}
 
 
-def _session_predict(export: OnnxExport, session: object, ds: Dataset) -> np.ndarray:
-    out = []
-    for _, xb in ds.batches(512):
-        (logits,) = session.run([export.logits_name], {export.input_name: xb})  # type: ignore[attr-defined]
-        out.append(np.asarray(logits).reshape(len(xb), -1).argmax(axis=1))
-    return np.concatenate(out)
+@dataclass
+class _Yardstick:
+    """What repair measures on: clean samples with their labels, triggered samples with their
+    TRUE labels (converted for the model), and what each set is, for the report."""
+
+    clean_x: np.ndarray | None
+    clean_y: np.ndarray | None
+    clean_on: str
+    trig_x: np.ndarray | None
+    trig_y: np.ndarray | None
+    trig_class: np.ndarray | None  # the poisoned class each triggered sample is stamped for
+    asr_on: str
+    flagged: list[int]
+
+    def measure(self, adapter: Adapter, batch_size: int) -> dict[str, Any]:
+        """Clean accuracy, attack success rate (a trigger test: the share of its samples not
+        predicted as their true label; stamped held-out samples: the share sent to the class
+        stamped for) and, per poisoned class, the share of triggered samples sent to it."""
+        out: dict[str, Any] = {}
+        if self.clean_x is not None and self.clean_y is not None:
+            pred = _predict(adapter, self.clean_x, batch_size)
+            out["clean_accuracy"] = float((pred == self.clean_y).mean())
+        if self.trig_x is not None and self.trig_y is not None:
+            pred = _predict(adapter, self.trig_x, batch_size)
+            if self.trig_class is None:  # a trigger test: triggered samples, true labels
+                out["asr"] = float((pred != self.trig_y).mean())
+            else:  # stamped held-out samples: the share sent to the class stamped for
+                out["asr"] = float((pred == self.trig_class).mean())
+            per_class = {}
+            for c in self.flagged:
+                rows = self.trig_y != c
+                if self.trig_class is not None:
+                    rows &= self.trig_class == c
+                per_class[int(c)] = float((pred[rows] == c).mean()) if rows.any() else 0.0
+            out["asr_per_class"] = per_class
+        return out
 
 
-def measure(
+def _predict(adapter: Adapter, x: np.ndarray, batch_size: int) -> np.ndarray:
+    logits = np.asarray(adapter.predict_logits(x, batch_size=batch_size))
+    return logits.reshape(len(x), -1).argmax(axis=1)
+
+
+def _converted(
+    source: str | Path | Dataset, export: OnnxExport, opts: RunOptions
+) -> tuple[np.ndarray, np.ndarray]:
+    """A test set's samples as the model takes them, and its labels."""
+    ds = source if isinstance(source, Dataset) else load_data(source)
+    conform(ds, export.input_shape, export.input_dtype, export.num_classes, **opts.normalisation)
+    return ds.take(np.arange(len(ds))), np.asarray(ds.y)
+
+
+def _yardstick(
+    report: Report,
+    dataset: Dataset,
     export: OnnxExport,
+    heldout: np.ndarray,
     test: str | Path | Dataset | None,
     trigger_test: str | Path | Dataset | None,
-    flagged_classes: list[int],
-    *,
-    device: str = "auto",
-    scale: float | None = None,
-    mean: list[float] | None = None,
-    std: list[float] | None = None,
-) -> dict[str, Any]:
-    """Clean accuracy on ``test``; on ``trigger_test`` (triggered samples, TRUE labels) the
-    attack success rate (share not predicted as the true label) and, per flagged class, the
-    share sent to that class."""
-    from backdoorscan.scanner.extract import make_session
-
-    out: dict[str, Any] = {}
-    session = make_session(export, device)
-
-    def load(source: str | Path | Dataset) -> Dataset:
-        ds = source if isinstance(source, Dataset) else load_data(source)
-        return conform(
-            ds, export.input_shape, export.input_dtype, export.num_classes,
-            scale=scale, mean=mean, std=std,
-        )  # fmt: skip
-
+    opts: RunOptions,
+    seed: int,
+) -> _Yardstick:
+    """The clean and triggered samples repair measures on (given sets, else held-out ones)."""
+    flagged = report.poisoned_classes
     if test is not None:
-        ds = load(test)
-        out["clean_accuracy"] = float((_session_predict(export, session, ds) == ds.y).mean())
-        out["n_test"] = len(ds)
+        clean_x, clean_y = _converted(test, export, opts)
+        clean_on = f"the test set ({len(clean_y)} samples)"
+    elif len(heldout):
+        clean_x, clean_y = dataset.take(heldout), dataset.y[heldout]
+        clean_on = f"{len(heldout)} held-out training samples"
+    else:
+        clean_x = clean_y = None
+        clean_on = ""
     if trigger_test is not None:
-        ds = load(trigger_test)
-        pred = _session_predict(export, session, ds)
-        out["asr"] = float((pred != ds.y).mean())
-        out["n_trigger_test"] = len(ds)
-        out["asr_per_class"] = {
-            int(c): float((pred[ds.y != c] == c).mean()) if (ds.y != c).any() else 0.0
-            for c in flagged_classes
-        }
-    return out
+        trig_x, trig_y = _converted(trigger_test, export, opts)
+        return _Yardstick(
+            clean_x, clean_y, clean_on, trig_x, trig_y, None,
+            f"the trigger test set ({len(trig_y)} samples)", flagged,
+        )  # fmt: skip
+    # Without a trigger test: held-out samples of each suspected source, stamped with the
+    # trigger the scan estimated for the class.
+    rng = np.random.default_rng(seed)
+    xs, ys, cs = [], [], []
+    for c in report.classes:
+        if c.verdict != "poisoned" or c.trigger is None:
+            continue
+        sources = c.transfer_sources or (
+            [c.suspected_source] if c.suspected_source is not None else []
+        )
+        pick = heldout[dataset.y[heldout] != c.label]
+        if sources:
+            pick = pick[np.isin(dataset.y[pick], sources)]
+        if not len(pick):
+            continue
+        xs.append(c.trigger.stamp(dataset.take(pick), rng))
+        ys.append(dataset.y[pick])
+        cs.append(np.full(len(pick), c.label))
+    if not xs:
+        return _Yardstick(clean_x, clean_y, clean_on, None, None, None, "", flagged)
+    trig_y = np.concatenate(ys)
+    return _Yardstick(
+        clean_x, clean_y, clean_on, np.concatenate(xs), trig_y, np.concatenate(cs),
+        f"{len(trig_y)} held-out samples of the suspected source(s) stamped with the "
+        "trigger the scan estimated", flagged,
+    )  # fmt: skip
 
 
 def exit_code(report: Report) -> int:
-    """Exit code of ``repair``: 0 when the rescan is clean or the cleaned data was written,
-    1 when a backdoor is still found, 3 when nothing was scanned."""
-    info = report.repair or {}
-    if info.get("mode") == "data":
+    """Exit code of ``repair``: 0 when the attack is gone and the rescan of the original data
+    is clean (or a bare ONNX model's cleaned data set was written), 1 when the repair failed
+    or a backdoor is still found, 3 when nothing was scanned."""
+    info = report.repair
+    if info is None:
+        return report.exit_code
+    if info.mode == "data":
         return EXIT_CLEAN
-    if info.get("mode") == "nothing scanned":
+    if info.mode == "nothing scanned":
         return EXIT_NOTHING
+    if info.mode == "failed":
+        return EXIT_FOUND
     return report.exit_code
 
 
-def _load_adapter(model: Any, layer: str | None, ds: Dataset, options: dict[str, Any]) -> Adapter:
-    options = dict(options)
-    options.setdefault("input_shape", tuple(ds.x.shape[1:]))
-    if ds.x.dtype in (np.int64, np.int32):
-        options.setdefault("input_dtype", "int64")
-    if isinstance(model, (str, Path)):
-        return adapters.load(model, **options)
-    if isinstance(model, Adapter):
-        return model
-    return adapters.from_object(model, **options)
-
-
-class _Exported:
-    """An adapter whose ONNX export is already made: scan() reuses it instead of exporting
-    again (an in-memory model is exported anew on every call)."""
-
-    def __init__(self, adapter: Adapter, export: OnnxExport) -> None:
-        self._adapter = adapter
-        self._export = export
-
-    def to_onnx(self, layer: str | None = None) -> OnnxExport:
-        return self._export
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._adapter, name)
-
-
-def _write_data(path: Path, ds: Dataset, plan: dict[str, Any]) -> Path:
-    import io
-
-    keep = plan["keep"]
-    index = np.flatnonzero(keep)
+def _write_data(path: Path, ds: Dataset, plan: RepairPlan) -> Path:
+    index = np.flatnonzero(plan.keep)
     buf = io.BytesIO()
     np.savez(
         buf,
         x=np.asarray(ds.x[index]),
-        y=plan["labels"][index].astype(np.int64),
-        changed=plan["changed"].astype(np.int64),
-        removed=plan["removed"].astype(np.int64),
+        y=plan.labels[index].astype(np.int64),
+        changed=plan.changed.astype(np.int64),
+        removed=plan.removed.astype(np.int64),
         original_index=index.astype(np.int64),
     )
     return atomic_write_bytes(path, buf.getvalue())
@@ -220,185 +325,245 @@ def repair(
     y: np.ndarray | None = None,
     *,
     output: str | Path,
-    data: str | Path | None = None,
+    data: str | Path | Dataset | None = None,
     labels: str | Path | None = None,
-    x_key: str = "x",
-    y_key: str = "y",
-    strategy: str = "relabel",
-    epochs: int = 1,
-    lr: float = 1e-3,
-    batch_size: int = 128,
-    seed: int = 0,
     report: Report | None = None,
-    exre: Any = None,
+    exre: str | ExreConfig | None = None,
     test: str | Path | Dataset | None = None,
     trigger_test: str | Path | Dataset | None = None,
     data_output: str | Path | None = None,
-    layer: str | None = None,
-    device: str = "auto",
-    scale: float | None = None,
-    mean: list[float] | None = None,
-    std: list[float] | None = None,
-    config: Any = None,
-    **model_options: Any,
+    options: RunOptions | None = None,
+    model_options: ModelOptions | None = None,
+    config: DetectConfig | None = None,
+    repair_config: RepairConfig | None = None,
+    **settings: Any,
 ) -> Report:
-    """Scan (unless ``report`` is given), relabel or remove the flagged samples, retrain from the
-    current weights, save the model (own format and ``<output stem>.onnx``), and scan again.
+    """Scan (unless ``report`` is given), relabel or remove the flagged samples, retrain from
+    the current weights until the attack is gone or the budget is spent, save the model (own
+    format and ``<output stem>.onnx``), and scan it again with the original training data.
 
-    Returns the rescan's report with a ``repair`` section holding the first scan, the changes
-    and the measured effect. A model that cannot be trained gets its cleaned data set written to
-    ``output`` (``.npz``: x, y, changed, removed, original_index) instead.
+    Settings may be given by name as in :func:`~backdoorscan.scanner.pipeline.scan`, plus the
+    fields of :class:`RepairConfig` (``strategy``, ``epochs``, ``lr``, ``train_batch_size``,
+    ``max_asr``, ``max_acc_drop``, ``holdout``); an unknown name raises ``TypeError``.
+    Returns the rescan's report with a ``repair`` section (``RepairResult``). A model that
+    cannot be trained gets its cleaned data set written to ``output`` (``.npz``: x, y, changed,
+    removed, original_index) instead.
     """
-    from backdoorscan.scanner import describe_inputs, scan
-
-    if strategy not in STRATEGIES:
-        raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, not {strategy!r}")
-    if epochs < 1:
-        raise ValueError("repair needs at least one epoch of retraining")
+    names = {f.name for f in fields(RepairConfig)}
+    rcfg = repair_config or RepairConfig()
+    mine = {k: settings.pop(k) for k in list(settings) if k in names}
+    if mine:
+        rcfg = dataclasses.replace(rcfg, **mine)
+    opts, mopts, cfg = split_settings("repair", settings, options, model_options, config)
     t0 = time.perf_counter()
     output = Path(output)
     for target in (output, Path(data_output) if data_output is not None else None):
         if target is not None and not (target.parent if str(target.parent) else Path(".")).is_dir():
             raise FileNotFoundError(f"output folder does not exist: {target.parent}")
-    if data is not None:
-        ds = load_data(data, labels, x_key=x_key, y_key=y_key)
-    elif x is not None and y is not None:
-        ds = from_arrays(x, y)
-    else:
-        raise DataError("no data given: pass x and y, or a data file")
-    adapter = _load_adapter(model, layer, ds, model_options)
-    trainable = bool(adapter.can_fit)
+    dataset = load_dataset(data, labels, x=x, y=y, options=opts)
     if report is not None and report.verdict != "backdoor":
-        return _nothing_to_do(report, strategy)
-    if trainable and not isinstance(model, (str, Path)):
-        adapter = adapter.clone()  # the caller's in-memory model is left as it was
+        return _nothing_to_do(report, rcfg.strategy)
+    prepared = prepare(model, dataset, mopts)
+    adapter = prepared.adapter
+    trainable = adapter.can_fit and isinstance(adapter, Retrainable)
     if trainable and output.suffix.lower() in (".onnx", ".npz"):
         raise ValueError(
             f"-o names the repaired {adapter.framework} model in its own format (e.g. "
             f"repaired.pt); the ONNX copy is written beside it, got {output.name}"
         )
-    norm = {"scale": scale, "mean": mean, "std": std}
-    export = adapter.to_onnx(layer)
     if report is None:
-        report = scan(
-            _Exported(adapter, export),
-            data=ds,
-            layer=layer,
-            device=device,
-            config=config,
-            exre=exre,
-            **norm,
-        )
-        describe_inputs(report, model, data, labels)
+        report = run(prepared, dataset, opts, cfg, exre=exre_config(exre, cfg.seed))
     else:
-        conform(ds, export.input_shape, export.input_dtype, export.num_classes, **norm)
+        export = prepared.export
+        conform(
+            dataset, export.input_shape, export.input_dtype, export.num_classes,
+            **opts.normalisation,
+        )  # fmt: skip
     if report.verdict != "backdoor":
-        return _nothing_to_do(report, strategy)
-    info: dict[str, Any] = {"strategy": strategy, "before": report.to_dict(include_scores=False)}
-    plan = plan_repair(report, ds.y, strategy)
-    flagged_classes = report.poisoned_classes
-    measured = test is not None or trigger_test is not None
-    metrics: dict[str, Any] = {"measured": measured}
-    if measured:
-        metrics["before"] = measure(
-            export, test, trigger_test, flagged_classes, device=device, **norm
-        )
-    else:
-        metrics["note"] = (
-            "clean accuracy and attack success not measured (pass --test and --trigger-test)"
-        )
-    n_changed, n_removed = len(plan["changed"]), len(plan["removed"])
-    change = f"{n_changed} samples relabelled, {n_removed} removed"
-    info |= {
-        "n_relabelled": n_changed,
-        "n_removed": n_removed,
-        "per_class": plan["per_class"],
-        "written": [],
-    }
-    notes = list(plan["notes"])
+        return _nothing_to_do(report, rcfg.strategy)
+    plan = plan_repair(report, dataset.y, rcfg.strategy)
+    result = RepairResult(
+        strategy=rcfg.strategy,
+        mode="retrained",
+        summary="",
+        before=report.to_dict(include_scores=False),
+        n_relabelled=len(plan.changed),
+        n_removed=len(plan.removed),
+        per_class=plan.per_class,
+        settings=dataclasses.asdict(rcfg),
+        notes=list(plan.notes),
+    )
+    change = f"{result.n_relabelled} samples relabelled, {result.n_removed} removed"
     if not trainable:
-        path = output if output.suffix.lower() == ".npz" else output.with_suffix(".npz")
-        _write_data(path, ds, plan)
-        reason = getattr(adapter, "fit_reason", "") or f"a {adapter.framework} model"
-        notes.append(
-            f"this model cannot be retrained here ({reason}): retrain it on {path.name} "
-            "(x, y; 'changed' and 'removed' index the original samples), starting from the "
-            f"current weights for about {epochs} epoch(s), then scan it again"
-        )
-        metrics.setdefault("note", "the model was not retrained: nothing measured after")
-        info |= {
-            "mode": "data",
-            "summary": f"{change}; model not retrained, cleaned data set written",
-            "written": [str(path)],
-            "metrics": metrics,
-            "notes": notes,
-        }
-        report.repair = info
-        report.notes.extend(notes)
-        return report
-    keep = plan["keep"]
-    kept_idx = np.flatnonzero(keep)
-    new_labels = plan["labels"][kept_idx]
+        return _write_cleaned(report, result, dataset, plan, output, adapter, change, rcfg)
+    if not isinstance(model, (str, Path, Adapter)):
+        adapter = adapter.clone()  # the caller's in-memory model is left as it was
+    assert isinstance(adapter, Retrainable)
+    # Clean samples kept out of retraining, to measure on where no test set is given.
+    rng = np.random.default_rng(cfg.seed)
+    clean = np.flatnonzero(plan.keep & ~report.is_flagged())
+    heldout = np.zeros(0, dtype=np.int64)
+    if test is None or trigger_test is None:
+        floor = min(MIN_HOLDOUT, len(clean) // 4)
+        size = min(MAX_HOLDOUT, max(int(rcfg.holdout * len(clean)), floor))
+        heldout = np.sort(rng.choice(clean, size=size, replace=False))
+    stick = _yardstick(
+        report, dataset, prepared.export, heldout, test, trigger_test, opts, cfg.seed
+    )
+    train = np.setdiff1d(np.flatnonzero(plan.keep), heldout)
+    train_x, train_y = dataset.take(train), plan.labels[train]
+    before = stick.measure(adapter, opts.batch_size)
+    curve = [{"epoch": 0, **_point(before)}]
+    best, best_key, best_epoch = adapter.clone(), _rank(before, before, rcfg), 0
     t = time.perf_counter()
-    adapter.fit(
-        ds.take(kept_idx), new_labels, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed
-    )
+    def rescan(candidate: Retrainable) -> tuple[OnnxExport, Report]:
+        """The proof: a model scanned with the ORIGINAL training data and labels (on the
+        relabelled data the poison no longer carries its target label)."""
+        made = candidate.to_onnx(mopts.layer)
+        original = dataclasses.replace(dataset, notes=[])
+        return made, run(Prepared(candidate, made), original, opts, cfg)
+
+    final: tuple[OnnxExport, Report] | None = None
+    for epoch in range(1, rcfg.epochs + 1):
+        adapter.fit(
+            train_x, train_y, epochs=1, batch_size=rcfg.train_batch_size, lr=rcfg.lr,
+            seed=cfg.seed + epoch - 1,
+        )  # fmt: skip
+        now = stick.measure(adapter, opts.batch_size)
+        curve.append({"epoch": epoch, **_point(now)})
+        if _done(now, before, rcfg):
+            # The targets are met; done only if the original data also scans clean (the
+            # trigger may still work from another class than the trigger test's).
+            final = rescan(adapter)
+            curve[-1]["rescan"] = final[1].verdict
+            if final[1].verdict != "backdoor":
+                best, best_epoch = adapter, epoch
+                break
+            final = None
+        key = _rank(now, before, rcfg)
+        if key > best_key:
+            best, best_key, best_epoch = adapter.clone(), key, epoch
     fit_s = time.perf_counter() - t
+    adapter = best
+    after_metrics = stick.measure(adapter, opts.batch_size)
+    export, after = final if final is not None else rescan(adapter)
     saved = adapter.save(output)
-    repaired_export = adapter.to_onnx(layer)
-    onnx_path = output.with_suffix(".onnx")
-    atomic_write_bytes(onnx_path, repaired_export.model_bytes)
-    info["written"] = [str(saved), str(onnx_path)]
-    repaired = from_arrays(np.asarray(ds.x[kept_idx]), new_labels, source=f"{ds.source} (repaired)")
+    onnx_path = atomic_write_bytes(output.with_suffix(".onnx"), export.model_bytes)
+    result.written = [str(saved), str(onnx_path)]
     if data_output is not None:
-        info["written"].append(str(_write_data(Path(data_output), ds, plan)))
-    after = scan(
-        _Exported(adapter, repaired_export),
-        data=repaired,
-        layer=layer,
-        device=device,
-        config=config,
-        **norm,
-    )
-    if measured:
-        metrics["after"] = measure(
-            repaired_export, test, trigger_test, flagged_classes, device=device, **norm
-        )
-    info |= {
-        "mode": "retrained",
-        "summary": (
-            f"{change}; retrained {epochs} epoch(s) from the current weights on "
-            f"{len(kept_idx)} samples; rescan: "
-            + ("no backdoor found" if after.verdict == "clean" else after.verdict)
-        ),
-        "epochs": epochs,
-        "lr": lr,
-        "batch_size": batch_size,
-        "seed": seed,
-        "metrics": metrics,
-        "notes": notes,
+        result.written.append(str(_write_data(Path(data_output), dataset, plan)))
+    measured = "asr" in before
+    result.mode = "retrained" if final is not None or not measured else "failed"
+    result.curve = curve
+    result.metrics = {
+        "measured": measured,
+        "before": before,
+        "after": after_metrics,
+        "clean_accuracy_on": stick.clean_on,
+        "asr_on": stick.asr_on,
+        "best_epoch": best_epoch,
         "fit_s": round(fit_s, 3),
         "time_s": round(time.perf_counter() - t0, 3),
     }
-    after.repair = info
-    after.notes.extend(notes)
+    verdict = "no poison found" if after.verdict == "clean" else after.verdict
+    if result.mode == "failed":
+        result.summary = (
+            f"repair failed: {change}; after {len(curve) - 1} epoch(s) the best model "
+            f"(epoch {best_epoch}) has attack success {after_metrics.get('asr', float('nan')):.3f}"
+            f" (needed < {rcfg.max_asr:g}) and clean accuracy "
+            f"{_fmt(after_metrics.get('clean_accuracy'))} (original "
+            f"{_fmt(before.get('clean_accuracy'))}, allowed drop {rcfg.max_acc_drop:g}); kept "
+            f"the best model; rescan of the original data: {verdict}"
+        )
+    else:
+        result.summary = (
+            f"{change}; retrained {len(curve) - 1} epoch(s) from the current weights on "
+            f"{len(train)} samples (kept epoch {best_epoch}); rescan of the original data: "
+            + verdict
+        )
+        if not measured:
+            result.notes.append(
+                "attack success was not measured (no --trigger-test, and the scan estimated no "
+                "trigger to stamp): the rescan of the original data is the only evidence"
+            )
+    after.repair = result
+    after.notes.extend(result.notes)
     if isinstance(model, (str, Path)):
         after.model["repaired_from"] = str(model)
     after.model["path"] = str(saved)
     return after
 
 
+def _point(m: dict[str, Any]) -> dict[str, Any]:
+    """One point of the repair curve."""
+    return {k: m[k] for k in ("clean_accuracy", "asr") if k in m}
+
+
+def _acc_ok(now: dict[str, Any], before: dict[str, Any], rcfg: RepairConfig) -> bool:
+    if "clean_accuracy" not in now or "clean_accuracy" not in before:
+        return True
+    return now["clean_accuracy"] >= before["clean_accuracy"] - rcfg.max_acc_drop
+
+
+def _done(now: dict[str, Any], before: dict[str, Any], rcfg: RepairConfig) -> bool:
+    """The attack is gone (below ``max_asr``) and clean accuracy held."""
+    return "asr" in now and now["asr"] < rcfg.max_asr and _acc_ok(now, before, rcfg)
+
+
+def _rank(now: dict[str, Any], before: dict[str, Any], rcfg: RepairConfig) -> tuple:
+    """Order of preference among the models seen: one that meets both targets, then the lowest
+    attack success, then the highest accuracy."""
+    return (
+        _done(now, before, rcfg),
+        -now.get("asr", 1.0),
+        now.get("clean_accuracy", 0.0),
+    )
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def _write_cleaned(
+    report: Report,
+    result: RepairResult,
+    dataset: Dataset,
+    plan: RepairPlan,
+    output: Path,
+    adapter: Adapter,
+    change: str,
+    rcfg: RepairConfig,
+) -> Report:
+    """A model that cannot be trained here: write the cleaned data set for the user."""
+    path = output if output.suffix.lower() == ".npz" else output.with_suffix(".npz")
+    _write_data(path, dataset, plan)
+    reason = adapter.fit_reason or f"a {adapter.framework} model"
+    result.notes.append(
+        f"this model cannot be retrained here ({reason}): retrain it on {path.name} "
+        "(x, y; 'changed' and 'removed' index the original samples), starting from the "
+        f"current weights for up to {rcfg.epochs} epoch(s), then scan it again with the "
+        "original training data"
+    )
+    result.mode = "data"
+    result.summary = f"{change}; model not retrained, cleaned data set written"
+    result.written = [str(path)]
+    result.metrics = {"measured": False, "note": "the model was not retrained: nothing measured"}
+    report.repair = result
+    report.notes.extend(result.notes)
+    return report
+
+
 def _nothing_to_do(report: Report, strategy: str) -> Report:
     """A clean (or empty) scan: nothing is retrained or written."""
     nothing = report.verdict == "nothing scanned"
-    report.repair = {
-        "strategy": strategy,
-        "mode": "nothing scanned" if nothing else "clean",
-        "summary": (
+    report.repair = RepairResult(
+        strategy=strategy,
+        mode="nothing scanned" if nothing else "clean",
+        summary=(
             "nothing scanned, nothing repaired"
             if nothing
-            else "no backdoor found: nothing to repair, no file written"
+            else "no poison found: nothing to repair, no file written"
         ),
-        "metrics": {"measured": False, "note": "nothing repaired, nothing measured"},
-    }
+        metrics={"measured": False, "note": "nothing repaired, nothing measured"},
+    )
     return report

@@ -7,7 +7,7 @@ scanned, 4 usage error.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -37,7 +37,103 @@ class ClassResult:
     votes: dict[str, bool] = field(default_factory=dict)
     n_flagged: int = 0
     suspected_source: int | None = None
-    exre: dict[str, Any] | None = None
+    # ExRe's outcome per method ("full", "probe") and the method whose outcome counted.
+    exre: dict[str, ExreOutcome] | None = None
+    exre_decided_by: str | None = None
+    # Sample indices (into the data set) of the suspicious cluster: the flagged samples of a
+    # poisoned class, the candidate's members otherwise. ExRe and repair read them here.
+    members: np.ndarray | None = field(default=None, repr=False, compare=False)
+    # The trigger the transfer test estimated for a poisoned class (repair stamps held-out
+    # samples with it to measure the attack). Neither is written to JSON.
+    trigger: Any = field(default=None, repr=False, compare=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready figures of the class (indices and the trigger left out)."""
+        out = {
+            f.name: getattr(self, f.name)
+            for f in fields(self)
+            if f.name not in ("members", "trigger", "exre")
+        }
+        if self.exre is not None:
+            out["exre"] = {m: asdict(o) for m, o in self.exre.items()}
+            if self.exre_decided_by:
+                out["exre"]["decided_by"] = self.exre_decided_by
+        out.pop("exre_decided_by")
+        return _clean(out)
+
+
+@dataclass
+class ExreOutcome:
+    """What the classifier that never saw a cluster called it: ``own_share`` of the cluster
+    predicted as its own label, ``source`` the other class predicted most (``source_share``),
+    ``ratio`` = own / source share; ``verdict``: ``poison``, ``legitimate`` or
+    ``inconclusive``."""
+
+    n: int
+    own_share: float
+    source: int | None
+    source_share: float
+    ratio: float
+    verdict: str
+
+
+@dataclass
+class ExreResult:
+    """Exclusionary reclassification as run on one scan: which methods, on which clusters,
+    what each method did (``runs``), and the per-sample predictions of ExRe 'full' (-1 where
+    not asked; repair relabels with them; not written to JSON)."""
+
+    methods: list[str]
+    threshold: float
+    include_unflagged: bool
+    max_share: float
+    clusters: dict[int, int]
+    not_examined: list[int] = field(default_factory=list)
+    runs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    predictions: np.ndarray | None = field(default=None, repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready summary (the per-sample predictions left out)."""
+        out: dict[str, Any] = {
+            "methods": self.methods,
+            "threshold": self.threshold,
+            "include_unflagged": self.include_unflagged,
+            "max_share": self.max_share,
+            "clusters": {str(k): v for k, v in self.clusters.items()},
+        }
+        if self.not_examined:
+            out["not_examined"] = self.not_examined
+        out.update(self.runs)
+        return _clean(out)
+
+
+@dataclass
+class RepairResult:
+    """What repair did: ``mode`` is ``retrained``, ``failed`` (the budget ran out before the
+    attack was gone), ``data`` (a model that cannot be trained here: the cleaned data set was
+    written), ``clean`` or ``nothing scanned`` (nothing to do)."""
+
+    strategy: str
+    mode: str
+    summary: str
+    before: dict[str, Any] | None = None
+    n_relabelled: int = 0
+    n_removed: int = 0
+    per_class: dict[int, dict[str, Any]] = field(default_factory=dict)
+    written: list[str] = field(default_factory=list)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    curve: list[dict[str, Any]] = field(default_factory=list)
+    settings: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def succeeded(self) -> bool:
+        """True unless the budget ran out with the attack still working."""
+        return self.mode != "failed"
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready description of the repair."""
+        return _clean(asdict(self))
 
 
 @dataclass
@@ -55,11 +151,8 @@ class Report:
     timings: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     schema_version: int = SCHEMA_VERSION
-    exre: dict[str, Any] | None = None
-    repair: dict[str, Any] | None = None
-    # Per-sample predictions of the model retrained without the suspicious clusters (ExRe
-    # 'full'; -1 where not asked): repair relabels with them. Not serialized.
-    exre_predictions: np.ndarray | None = field(default=None, repr=False)
+    exre: ExreResult | None = None
+    repair: RepairResult | None = None
 
     @property
     def poisoned_classes(self) -> list[int]:
@@ -71,17 +164,35 @@ class Report:
         """Labels that were clustered (not skipped)."""
         return [c.label for c in self.classes if c.verdict != "skipped"]
 
+    # Set when the scan could not mean anything (e.g. the model does not fit the labels
+    # given): the verdict is then "nothing scanned" whatever the clusters say.
+    not_meaningful: str | None = None
+
     @property
     def verdict(self) -> str:
-        """``backdoor``, ``clean``, or ``nothing scanned`` when no class could be analysed."""
+        """``backdoor``, ``clean``, or ``nothing scanned`` when no class could be analysed or
+        the scan could not mean anything (``not_meaningful`` says why)."""
+        if self.not_meaningful:
+            return "nothing scanned"
         if self.poisoned_classes:
             return "backdoor"
         return "clean" if self.analysed_classes else "nothing scanned"
 
     @property
     def exit_code(self) -> int:
-        """0 clean, 1 backdoor found, 3 nothing scanned."""
+        """0 no poison found in the data given, 1 backdoor found, 3 nothing scanned."""
         return {"backdoor": EXIT_FOUND, "clean": EXIT_CLEAN}.get(self.verdict, EXIT_NOTHING)
+
+    def flag_members(self) -> None:
+        """Recompute ``flagged_indices`` from the members of the poisoned classes."""
+        picked = [
+            c.members for c in self.classes if c.verdict == "poisoned" and c.members is not None
+        ]
+        self.flagged_indices = (
+            np.unique(np.concatenate(picked)).astype(np.int64)
+            if picked
+            else np.zeros(0, dtype=np.int64)
+        )
 
     def is_flagged(self) -> np.ndarray:
         """Boolean mask over the samples: True where flagged as poison."""
@@ -100,16 +211,18 @@ class Report:
             "data": self.data,
             "settings": self.settings,
             "provider": self.provider,
-            "classes": [_clean(asdict(c)) for c in self.classes],
+            "classes": [c.to_dict() for c in self.classes],
             "n_flagged": len(self.flagged_indices),
             "flagged_indices": [int(i) for i in self.flagged_indices],
             "timings_s": {k: round(v, 4) for k, v in self.timings.items()},
             "notes": self.notes,
         }
+        if self.not_meaningful:
+            out["not_meaningful"] = self.not_meaningful
         if self.exre is not None:
-            out["exre"] = _clean(self.exre)
+            out["exre"] = self.exre.to_dict()
         if self.repair is not None:
-            out["repair"] = _clean(self.repair)
+            out["repair"] = self.repair.to_dict()
         if include_scores:
             out["scores"] = [round(float(s), 6) for s in self.scores]
         return out
@@ -128,9 +241,15 @@ class Report:
                 f"{len(self.flagged_indices)} of {n} samples flagged as poison"
             )
         elif self.verdict == "clean":
-            lines.append(f"No backdoor found: {len(self.analysed_classes)} classes, {n} samples")
+            lines.append(
+                f"No poison found in the {n} training samples given "
+                f"({len(self.analysed_classes)} classes)"
+            )
+        elif self.not_meaningful:
+            lines.append(f"Nothing meaningful scanned: {self.not_meaningful}")
         else:
             lines.append("Nothing scanned: no class had enough samples to cluster")
+        lines.extend(f"  {line}" for line in _evidence_lines(self))
         if self.model.get("path"):
             lines.append(f"  model  {self.model['path']}  (layer {self.model.get('layer')})")
         if self.data.get("path"):
@@ -173,31 +292,52 @@ class Report:
         raise ValueError(f"unknown format {fmt!r}")
 
 
+def _evidence_lines(report: Report) -> list[str]:
+    """One line per class where ExRe's answer differs from the verdict, saying which evidence
+    decided, so that the ExRe table never reads as a second verdict."""
+    lines = []
+    rule = report.settings.get("rule_applied") or report.settings.get("rule") or []
+    decider = "the transfer test" if "transfer" in rule else "the " + "+".join(rule) + " rule"
+    for c in report.classes:
+        if not c.exre or not c.exre_decided_by:
+            continue
+        outcome = c.exre[c.exre_decided_by]
+        exre_poison = outcome.verdict == "poison"
+        if exre_poison == (c.verdict == "poisoned") or outcome.verdict == "inconclusive":
+            continue
+        said = "poison" if exre_poison else "legitimate"
+        lines.append(
+            f"class {c.label}: ExRe {c.exre_decided_by} calls its cluster {said}, but "
+            f"{decider} decides: {c.verdict}"
+        )
+    return lines
+
+
 def _exre_lines(report: Report) -> list[str]:
     """The exclusionary-reclassification table: one line per class and method."""
     rows = [c for c in report.classes if c.exre]
-    if not rows:
+    if not rows or report.exre is None:
         return []
-    info = report.exre or {}
+    info = report.exre
     how = []
-    full = info.get("full")
+    full = info.runs.get("full")
     if full:
         init = "from scratch" if full.get("init") == "scratch" else "from the current weights"
         how.append(
             f"full: retrained {init}, {full.get('epochs')} epoch(s) on {full.get('n_trained')} "
             f"samples without {full.get('n_excluded')}"
         )
-    if info.get("probe"):
-        how.append(f"probe: {info['probe'].get('classifier')}")
-    if info.get("not_examined"):
+    if info.runs.get("probe"):
+        how.append(f"probe: {info.runs['probe'].get('classifier')}")
+    if info.not_examined:
         how.append(
             f"not examined: the candidates of class(es) "
-            f"{', '.join(map(str, info['not_examined']))}, over {info.get('max_share')} of them"
+            f"{', '.join(map(str, info.not_examined))}, over {info.max_share} of them"
         )
     lines = [
         "",
-        f"  exclusionary reclassification ({'; '.join(how)}; poison when own/other < "
-        f"{info.get('threshold')})",
+        f"  exclusionary reclassification, evidence beside the verdict ({'; '.join(how)}; "
+        f"poison when own/other < {info.threshold})",
         "  class  method      n   own  source  share   ratio  answer",
     ]
     for c in rows:
@@ -206,19 +346,20 @@ def _exre_lines(report: Report) -> list[str]:
             if not o:
                 continue
             lines.append(
-                f"  {c.label:>5}  {method:<6} {o['n']:>6} {_fmt(o['own_share'], '.2f', 5)} "
-                f"{_fmt(o['source'], 'd', 7)} {_fmt(o['source_share'], '.2f', 6)} "
-                f"{_fmt(o['ratio'], '.2f', 7)}  {o['verdict']}"
+                f"  {c.label:>5}  {method:<6} {o.n:>6} {_fmt(o.own_share, '.2f', 5)} "
+                f"{_fmt(o.source, 'd', 7)} {_fmt(o.source_share, '.2f', 6)} "
+                f"{_fmt(o.ratio, '.2f', 7)}  {o.verdict}"
             )
     return lines
 
 
-def _repair_lines(repair: dict[str, Any] | None) -> list[str]:
+def _repair_lines(repair: RepairResult | None) -> list[str]:
     """The repair section: what changed, the scan before, the measured effect, files written."""
-    if not repair:
+    if repair is None:
         return []
-    lines = ["", f"  repair ({repair.get('strategy')}): {repair.get('summary', '')}"]
-    before = repair.get("before") or {}
+    head = "REPAIR FAILED" if repair.mode == "failed" else "repair"
+    lines = ["", f"  {head} ({repair.strategy}): {repair.summary}"]
+    before = repair.before or {}
     if before:
         flagged = before.get("poisoned_classes") or []
         lines.append(
@@ -226,14 +367,15 @@ def _repair_lines(repair: dict[str, Any] | None) -> list[str]:
             + (f" in class(es) {', '.join(map(str, flagged))}" if flagged else "")
             + f", {before.get('n_flagged', 0)} samples flagged"
         )
-    metrics = repair.get("metrics") or {}
-    if metrics.get("measured"):
-        b, a = metrics.get("before", {}), metrics.get("after", {})
+    metrics = repair.metrics
+    b, a = metrics.get("before") or {}, metrics.get("after") or {}
+    if b or a:
         for key, name in (("clean_accuracy", "clean accuracy"), ("asr", "attack success rate")):
             if key in b or key in a:
                 lines.append(
                     f"    {name}: {_fmt(b.get(key), '.4f', 6).strip()} -> "
                     f"{_fmt(a.get(key), '.4f', 6).strip()}"
+                    + (f"  ({metrics[key + '_on']})" if metrics.get(key + "_on") else "")
                 )
         per_class = a.get("asr_per_class") or {}
         if per_class:
@@ -243,9 +385,16 @@ def _repair_lines(repair: dict[str, Any] | None) -> list[str]:
                 for k, v in per_class.items()
             )
             lines.append(f"    share of triggered samples sent to each flagged class: {shown}")
-    else:
-        lines.append(f"    {metrics.get('note', 'clean accuracy and attack success not measured')}")
-    for path in repair.get("written", []):
+    elif metrics.get("note"):
+        lines.append(f"    {metrics['note']}")
+    if repair.curve:
+        shown = "; ".join(
+            f"epoch {row['epoch']}: acc {_fmt(row.get('clean_accuracy'), '.3f', 5).strip()}, "
+            f"asr {_fmt(row.get('asr'), '.3f', 5).strip()}"
+            for row in repair.curve
+        )
+        lines.append(f"    curve: {shown}")
+    for path in repair.written:
         lines.append(f"    wrote {path}")
     return lines
 

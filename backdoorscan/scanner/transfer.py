@@ -17,12 +17,15 @@ compared with its neighbours, are inserted into other classes' sequences instead
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from backdoorscan.adapters.base import OnnxExport
 from backdoorscan.kernels.knn import knn
 from backdoorscan.scanner.config import DetectConfig
 from backdoorscan.scanner.data import Dataset
+from backdoorscan.scanner.extract import predict_classes
 
 MAX_TRIGGER_TOKENS = 3
 # The first look at a perturbation (``transfer_screen`` samples per class) goes on to every
@@ -31,8 +34,42 @@ MAX_TRIGGER_TOKENS = 3
 SCREEN_PASS = 0.2
 
 
+@dataclass
+class Trigger:
+    """A trigger as the transfer test estimated it: an additive perturbation of the model's
+    input (``values`` shaped like one sample, stamped values clipped to ``[lo, hi]``), or for
+    token inputs the token ids to insert (``tokens``)."""
+
+    values: np.ndarray
+    tokens: bool = False
+    lo: float = -np.inf
+    hi: float = np.inf
+
+    def stamp(self, x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """``x`` (converted samples) carrying the trigger: added and clipped, or the trigger
+        tokens inserted at a random position of each sequence."""
+        if self.tokens:
+            return _insert_tokens(x, self.values, rng)
+        return np.clip(x + self.values, self.lo, self.hi).astype(x.dtype)
+
+
+@dataclass
+class TransferResult:
+    """What one transfer test found: the largest share of a stamped class sent to the label
+    (``rate``, less the share sent there unstamped), that class (``source``, None when no
+    class moved), the trigger estimated (None when none was found), the rate per class."""
+
+    rate: float
+    source: int | None
+    trigger: Trigger | None
+    rates: dict[int, float]
+
+
+NO_TRANSFER = TransferResult(0.0, None, None, {})
+
+
 class TransferProbe:
-    """Callable ``(indices, label, seed) -> (transfer rate, suspected source)`` for detect()."""
+    """Callable ``(indices, label, seed) -> TransferResult`` for detect()."""
 
     def __init__(
         self,
@@ -66,20 +103,12 @@ class TransferProbe:
 
     def predict(self, xb: np.ndarray) -> np.ndarray:
         """Predicted classes of a converted batch."""
-        out = []
-        for s in range(0, len(xb), 256):
-            (logits,) = self.session.run(  # type: ignore[attr-defined]
-                [self.export.logits_name], {self.export.input_name: xb[s : s + 256]}
-            )
-            out.append(np.asarray(logits).reshape(len(xb[s : s + 256]), -1).argmax(axis=1))
-        return np.concatenate(out)
+        return predict_classes(self.session, self.export, xb)
 
-    def __call__(
-        self, cluster: np.ndarray, label: int, seed: int
-    ) -> tuple[float, int | None, np.ndarray | None, dict[int, float]]:
+    def __call__(self, cluster: np.ndarray, label: int, seed: int) -> TransferResult:
         """Transfer rate of the cluster's shared perturbation, the class most sent to the label
-        by it (the suspected source), the perturbation itself (None if none was found), and the
-        rate for every class stamped."""
+        by it (the suspected source), the perturbation itself, and the rate for every class
+        stamped."""
         self.calls += 1
         cfg = self.cfg
         rng = np.random.default_rng(seed)
@@ -89,16 +118,12 @@ class TransferProbe:
         targets = self._stratified(inside, label, rng)
         nn_idx = self._neighbours(queries, inside, full=False)
         if nn_idx is None or len(targets) == 0:
-            return 0.0, None, None, {}
+            return NO_TRANSFER
+        trigger = self._estimate(queries, nn_idx)
+        if trigger is None:
+            return NO_TRANSFER
         x_t = self.data.take(targets)
-        if self.tokens:
-            trigger = self._trigger_tokens(queries, nn_idx)
-            stamped = None if trigger is None else self._insert_tokens(x_t, trigger, rng)
-        else:
-            trigger, lo, hi = self._trigger_perturbation(queries, nn_idx)
-            stamped = np.clip(x_t + trigger, lo, hi).astype(x_t.dtype)
-        if stamped is None:
-            return 0.0, None, None, {}
+        stamped = trigger.stamp(x_t, rng)
         before = self.predict(x_t) if self.predictions is None else self.predictions[targets]
         t_labels = self.labels[targets]
         sent = np.zeros(len(targets), dtype=bool)
@@ -117,10 +142,13 @@ class TransferProbe:
         rates = dict(
             zip(np.unique(t_labels).tolist(), _rates(sent, before, t_labels, label), strict=True)
         )
-        source = max(rates, key=rates.__getitem__)
-        return rates[source], (source if rates[source] > 0 else None), trigger, rates
+        # The suspected source: the class moved most (ties to the lower label).
+        source = max(sorted(rates), key=rates.__getitem__)
+        return TransferResult(
+            rates[source], source if rates[source] > 0 else None, trigger, rates
+        )
 
-    def trigger(self, cluster: np.ndarray, seed: int) -> np.ndarray | None:
+    def trigger(self, cluster: np.ndarray, seed: int) -> Trigger | None:
         """The cluster's shared perturbation, its members' neighbours searched among every
         sample outside it rather than the probe's sample of the data: the sharper estimate
         that a confirmed trigger's per-sample refinement projects on."""
@@ -131,9 +159,15 @@ class TransferProbe:
         nn_idx = self._neighbours(queries, inside, full=True)
         if nn_idx is None:
             return None
+        return self._estimate(queries, nn_idx)
+
+    def _estimate(self, queries: np.ndarray, nn_idx: np.ndarray) -> Trigger | None:
+        """The trigger the queries share against their neighbours (None if none)."""
         if self.tokens:
-            return self._trigger_tokens(queries, nn_idx)
-        return self._trigger_perturbation(queries, nn_idx)[0]
+            ids = self._trigger_tokens(queries, nn_idx)
+            return None if ids is None else Trigger(ids, tokens=True)
+        values, lo, hi = self._trigger_perturbation(queries, nn_idx)
+        return Trigger(values, lo=lo, hi=hi)
 
     def _queries(self, cluster: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """The cluster's members whose neighbours are searched (a seeded sample of them)."""
@@ -155,9 +189,10 @@ class TransferProbe:
         nn, _ = knn(self.sketch[queries], ref_sketch, min(self.cfg.transfer_neighbors, len(ref)))
         return ref[nn]
 
-    def trigger_scores(self, indices: np.ndarray, trigger: np.ndarray) -> np.ndarray:
-        """How strongly each sample carries ``trigger``: its projection on the perturbation, or
+    def trigger_scores(self, indices: np.ndarray, found: Trigger) -> np.ndarray:
+        """How strongly each sample carries ``found``: its projection on the perturbation, or
         for token inputs the share of the trigger tokens it contains."""
+        trigger = found.values
         out = np.empty(len(indices), dtype=np.float64)
         norm = float((trigger.astype(np.float64) ** 2).sum()) if not self.tokens else 1.0
         for s in range(0, len(indices), 1024):
@@ -213,20 +248,21 @@ class TransferProbe:
             return None
         return ids[order[:MAX_TRIGGER_TOKENS]].astype(np.int64)
 
-    def _insert_tokens(
-        self, x_t: np.ndarray, trigger: np.ndarray, rng: np.random.Generator
-    ) -> np.ndarray:
-        trigger = trigger.astype(x_t.dtype)
-        shape = x_t.shape
-        flat = x_t.reshape(len(x_t), -1).copy()
-        length = flat.shape[1]
-        for row in flat:
-            used = int((row != 0).sum())
-            pos = int(rng.integers(0, max(used, 1) + 1))
-            merged = np.concatenate([row[:pos], trigger, row[pos:used]])[:length]
-            row[:] = 0
-            row[: len(merged)] = merged
-        return flat.reshape(shape)
+
+def _insert_tokens(x_t: np.ndarray, trigger: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Each sequence with the trigger tokens inserted at a random position (pads, id 0, at
+    the end; the sequence keeps its length)."""
+    trigger = trigger.astype(x_t.dtype)
+    shape = x_t.shape
+    flat = x_t.reshape(len(x_t), -1).copy()
+    length = flat.shape[1]
+    for row in flat:
+        used = int((row != 0).sum())
+        pos = int(rng.integers(0, max(used, 1) + 1))
+        merged = np.concatenate([row[:pos], trigger, row[pos:used]])[:length]
+        row[:] = 0
+        row[: len(merged)] = merged
+    return flat.reshape(shape)
 
 
 def _doc_freq(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -1,0 +1,241 @@
+"""The scan pipeline, one step a function: load the data, prepare the model, run the scan.
+
+``scan`` and ``repair`` both call these (repair runs :func:`run` twice: on the model as given
+and on the repaired one, each time with the original training data)::
+
+    dataset = load_dataset(data=..., options=run_options)
+    prepared = prepare(model, dataset, model_options)
+    report = run(prepared, dataset, run_options, detect_config)
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from threadpoolctl import threadpool_limits
+
+from backdoorscan import adapters
+from backdoorscan._io import sha256_file
+from backdoorscan.adapters.base import Adapter, OnnxExport
+from backdoorscan.scanner.budget import check_memory, machine_memory
+from backdoorscan.scanner.config import DetectConfig, ModelOptions, RunOptions, split_settings
+from backdoorscan.scanner.data import DataError, Dataset, conform, from_arrays, load_data
+from backdoorscan.scanner.detect import detect
+from backdoorscan.scanner.exre import ExreConfig, run_exre
+from backdoorscan.scanner.extract import Activations, extract, make_session
+from backdoorscan.scanner.report import Report
+from backdoorscan.scanner.transfer import TransferProbe
+
+__all__ = ["Prepared", "Progress", "load_dataset", "prepare", "run", "scan"]
+
+
+@dataclass
+class Progress:
+    """Callbacks for long work: ``start(total)`` before the pass over the data, ``step(n)``
+    after each batch."""
+
+    start: Callable[[int], None] | None = None
+    step: Callable[[int], None] | None = None
+
+
+@dataclass
+class Prepared:
+    """A model loaded through its adapter and exported with a ``features`` output, plus where
+    it came from (``source``: the file and its ``sha256`` taken before it was read, or None
+    for an in-memory model)."""
+
+    adapter: Adapter
+    export: OnnxExport
+    source: Path | None = None
+    sha256: str | None = None
+
+
+def load_dataset(
+    data: str | Path | Dataset | None = None,
+    labels: str | Path | None = None,
+    *,
+    x: np.ndarray | None = None,
+    y: np.ndarray | None = None,
+    options: RunOptions | None = None,
+) -> Dataset:
+    """The training data, from a file (``.npz``, or ``.npy`` with ``labels``) or from arrays."""
+    opts = options or RunOptions()
+    if isinstance(data, Dataset):
+        return data
+    if data is not None:
+        limit = opts.max_memory if opts.max_memory is not None else machine_memory()
+        files = _hashes(data=data, labels=labels)  # before the data is read, not after
+        ds = load_data(data, labels, x_key=opts.x_key, y_key=opts.y_key, max_bytes=limit)
+        ds.files = files
+        return ds
+    if x is not None and y is not None:
+        return from_arrays(x, y)
+    raise DataError("no data given: pass x and y, or a data file")
+
+
+def prepare(
+    model: Any, dataset: Dataset | None = None, options: ModelOptions | None = None
+) -> Prepared:
+    """Load a model (a path, an in-memory model or an adapter) and export it with features.
+
+    Formats that do not record their input (TorchScript, in-memory modules) take the
+    per-sample shape and dtype of ``dataset``.
+    """
+    opts = options or ModelOptions()
+    kwargs = opts.loader_kwargs()
+    if dataset is not None:
+        kwargs.setdefault("input_shape", tuple(dataset.x.shape[1:]))
+        if dataset.x.dtype in (np.int64, np.int32):
+            kwargs.setdefault("input_dtype", "int64")
+    source = sha = None
+    if isinstance(model, (str, Path)):
+        source = Path(model)
+        sha = sha256_file(source) if source.is_file() else None  # before it is parsed
+        adapter = adapters.load(source, **kwargs)
+    elif isinstance(model, Adapter):
+        adapter = model
+    else:
+        adapter = adapters.from_object(model, **kwargs)
+    return Prepared(adapter, adapter.to_onnx(opts.layer), source, sha)
+
+
+def run(
+    prepared: Prepared,
+    dataset: Dataset,
+    options: RunOptions | None = None,
+    config: DetectConfig | None = None,
+    *,
+    exre: ExreConfig | None = None,
+    progress: Progress | None = None,
+) -> Report:
+    """Scan a prepared model with its training data: extraction, clustering, the transfer test,
+    ExRe if asked; return the report."""
+    opts = options or RunOptions()
+    cfg = config or DetectConfig()
+    export = prepared.export
+    timings: dict[str, float] = {}
+    conform(
+        dataset, export.input_shape, export.input_dtype, export.num_classes, **opts.normalisation
+    )
+    # Refused here, before the runtime allocates anything for a model that would not fit.
+    check_memory(
+        export, dataset, batch_size=opts.batch_size, config=cfg, max_memory=opts.max_memory
+    )
+    t = time.perf_counter()
+    if progress is not None and progress.start is not None:
+        progress.start(len(dataset))
+    session = make_session(export, opts.device, threads=cfg.n_jobs or None)
+    # ONNX Runtime's thread pool and the BLAS library's would each take every core, and both
+    # spin while they wait: interleaved (the input sketch between batches, the neighbour
+    # searches between transfer probes) they starve each other, 2.4x slower on MNIST here
+    # (benchmarks/RESULTS.md). The numpy work between model runs is small; one thread does it.
+    with threadpool_limits(limits=1, user_api="blas"):
+        acts: Activations = extract(
+            export,
+            dataset,
+            batch_size=opts.batch_size,
+            progress=progress.step if progress is not None else None,
+            session=session,
+            seed=cfg.seed,
+        )
+        timings["extract"] = time.perf_counter() - t
+        if int(dataset.y.max()) >= acts.num_classes:
+            raise DataError(
+                f"labels go up to {int(dataset.y.max())} but the model has "
+                f"{acts.num_classes} classes"
+            )
+        probe = None
+        if acts.sketch is not None and "transfer" in cfg.rule:
+            probe = TransferProbe(session, export, dataset, acts.sketch, cfg, acts.predictions)
+        report = detect(acts.features, dataset.y, cfg, transfer=probe)
+    timings.update(report.timings)
+    report.timings = timings
+    report.provider = acts.provider
+    report.model = {
+        "framework": prepared.adapter.framework,
+        "layer": export.layer,
+        "feature_dim": int(acts.features.shape[1]),
+        "num_classes": acts.num_classes,
+    }
+    if prepared.source is not None:
+        report.model |= {"path": str(prepared.source), "sha256": prepared.sha256}
+    report.data |= {"source": dataset.source, "n_samples": len(dataset), **dataset.files}
+    agree = float((acts.predictions == dataset.y).mean())
+    report.data["model_agreement"] = round(agree, 6)
+    report.notes.extend(export.notes + dataset.notes)
+    if agree < cfg.min_agreement:
+        report.not_meaningful = (
+            f"the model predicts only {agree:.0%} of the training labels given (less than "
+            f"--min-agreement {cfg.min_agreement:g}): is this the data it was trained on? "
+            "Clusters of a model that did not learn its data say nothing about poison"
+        )
+    if exre is not None:
+        run_exre(
+            report,
+            exre,
+            labels=dataset.y,
+            features=acts.features,
+            sketch=acts.sketch,
+            adapter=prepared.adapter,
+            data=dataset,
+            num_classes=acts.num_classes,
+        )
+    return report
+
+
+def scan(
+    model: Any,
+    x: np.ndarray | None = None,
+    y: np.ndarray | None = None,
+    *,
+    data: str | Path | Dataset | None = None,
+    labels: str | Path | None = None,
+    options: RunOptions | None = None,
+    model_options: ModelOptions | None = None,
+    config: DetectConfig | None = None,
+    exre: str | ExreConfig | None = None,
+    progress: Progress | None = None,
+    **settings: Any,
+) -> Report:
+    """Scan a model and its training data for backdoor poisoning; return the report.
+
+    ``model`` is a path (ONNX, PyTorch, Keras), an in-memory model or an adapter; the data
+    comes as arrays ``x``, ``y`` or as a file (``data``, optionally ``labels``). Any field of
+    :class:`RunOptions` (``device``, ``batch_size``, ``max_memory``, ...), :class:`ModelOptions`
+    (``layer``, ``arch``, ``input_shape``, ...) or :class:`DetectConfig` (``seed``, ``rule``,
+    ``n_jobs``, ...) may be given by name; an unknown name raises ``TypeError``. ``exre``
+    (``auto``, ``full``, ``probe``, ``both`` or an :class:`ExreConfig`) adds exclusionary
+    reclassification of the suspicious clusters.
+    """
+    opts, mopts, cfg = split_settings("scan", settings, options, model_options, config)
+    t = time.perf_counter()
+    dataset = load_dataset(data, labels, x=x, y=y, options=opts)
+    prepared = prepare(model, dataset, mopts)
+    load_s = time.perf_counter() - t
+    report = run(prepared, dataset, opts, cfg, exre=exre_config(exre, cfg.seed), progress=progress)
+    report.timings = {"load": load_s, **report.timings}
+    return report
+
+
+def exre_config(exre: str | ExreConfig | None, seed: int) -> ExreConfig | None:
+    """An ExreConfig from a method name (seeded like the scan), or as given."""
+    if exre is None or isinstance(exre, ExreConfig):
+        return exre
+    return ExreConfig(method=exre, seed=seed)
+
+
+def _hashes(*, data: str | Path, labels: str | Path | None) -> dict[str, str]:
+    """Path and sha256 of the data (and labels) file, for the report. Only regular files are
+    hashed (a FIFO or a device would never end); the loader refuses the rest with its own
+    message."""
+    out = {"path": str(data)}
+    if Path(data).is_file():
+        out["sha256"] = sha256_file(data)
+    if labels is not None and Path(labels).is_file():
+        out["labels_sha256"] = sha256_file(labels)
+    return out
