@@ -243,8 +243,54 @@ def progress_bar(enabled: bool) -> Iterator[tuple[Callable[[int], None], Callabl
             state["bar"].__exit__(None, None, None)
 
 
+REPORT_FORMATS = ["text", "json", "html", "sarif"]
+FORMAT_HELP = (
+    "Report format: text, json (schema: docs/report.schema.json), html (one self-contained "
+    "file with the clusters, the suspicious samples and the trigger; needs "
+    "backdoorscan[report]) or sarif (SARIF 2.1.0 for CI code scanning)."
+)
+
+
+def check_format(_ctx: click.Context, _param: click.Parameter, value: str) -> str:
+    """Fail before the scan, not after it, when HTML is asked for without matplotlib."""
+    if value == "html":
+        from backdoorscan.scanner.html import MissingExtraError, require_matplotlib
+
+        try:
+            require_matplotlib()
+        except MissingExtraError as exc:
+            raise ScanError(str(exc)) from None
+    return value
+
+
+def store_vocab(ctx: click.Context, _param: click.Parameter, value: Path | None) -> None:
+    """Keep --vocab's token table for the HTML renderer (read when the report is rendered)."""
+    if value is not None:
+        from backdoorscan.scanner.html import load_vocab
+
+        try:
+            ctx.meta["backdoorscan.vocab"] = load_vocab(value)
+        except (OSError, ValueError, UnicodeDecodeError) as exc:
+            raise ScanError(f"cannot read --vocab {value}: {exc}") from None
+
+
+def render(report: Report, fmt: str) -> str:
+    """The report in ``fmt``; HTML gets the vocabulary of --vocab, if given."""
+    from backdoorscan.scanner.html import MissingExtraError
+
+    ctx = click.get_current_context(silent=True)
+    options = {}
+    if fmt == "html" and ctx is not None and "backdoorscan.vocab" in ctx.meta:
+        options["vocab"] = ctx.meta["backdoorscan.vocab"]
+    try:
+        with errors():
+            return report.render(fmt, **options)
+    except MissingExtraError as exc:
+        raise ScanError(str(exc)) from None
+
+
 def emit(report: Report, fmt: str, output: Path | None, quiet: bool) -> None:
-    text = report.render(fmt)
+    text = render(report, fmt)
     if output is not None:
         with errors():
             atomic_write_text(output, text)
@@ -403,10 +449,11 @@ def output_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option(
             "--format",
             "fmt",
-            type=click.Choice(["text", "json"]),
+            type=click.Choice(REPORT_FORMATS),
             default="text",
             show_default=True,
-            help="Report format.",
+            callback=check_format,
+            help=FORMAT_HELP,
         ),
         click.option(
             "-o",
@@ -416,8 +463,19 @@ def output_options(fn: Callable[..., Any]) -> Callable[..., Any]:
             help="Write the report to this file (atomically); stdout then gets the text "
             "summary only (nothing with -q).",
         ),
+        vocab_option,
         click.option("-q", "--quiet", is_flag=True, help="No progress bar, no summary."),
     ]
     return stack_options(opts, fn)
+
+
+vocab_option = click.option(
+    "--vocab",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    expose_value=False,
+    callback=store_vocab,
+    help="Token models, --format html: the vocabulary that decodes token ids (vocab.json "
+    "of a tokenizer, a JSON list, or one token per line); without it the ids are shown.",
+)
 
 

@@ -35,7 +35,7 @@ import numpy as np
 from backdoorscan._version import __version__
 from backdoorscan.kernels import fastica, kmeans, pca, silhouette_score
 from backdoorscan.scanner.config import ANALYSES, DetectConfig
-from backdoorscan.scanner.report import ClassResult, Report
+from backdoorscan.scanner.report import ClassResult, Report, class_projection
 
 __all__ = [
     "ANALYSES",
@@ -442,6 +442,8 @@ def _detect_class(
         suspected_source=source,
         members=idx[members],
         trigger=trigger,
+        transfer_rates={int(k): float(v) for k, v in sorted((best.rates or {}).items())},
+        projection=class_projection(z, fit.labels, idx, seed, best.members),
     ), class_scores
 
 

@@ -156,6 +156,7 @@ def run(
     timings.update(report.timings)
     report.timings = timings
     report.provider = acts.provider
+    report.samples = dataset.x  # as given, for the HTML report's mosaics
     report.model = {
         "framework": prepared.adapter.framework,
         "layer": export.layer,

@@ -13,6 +13,10 @@ from typing import Any
 import numpy as np
 
 SCHEMA_VERSION = 1
+# A trigger with more values than this is not written to JSON (a 64x64 colour image fits).
+TRIGGER_MAX_VALUES = 16384
+# Points of a class's 2-D projection kept for the HTML report's plot.
+PROJECTION_POINTS = 500
 EXIT_CLEAN, EXIT_FOUND, EXIT_ERROR, EXIT_NOTHING, EXIT_USAGE = 0, 1, 2, 3, 4
 
 
@@ -44,22 +48,54 @@ class ClassResult:
     # poisoned class, the candidate's members otherwise. ExRe and repair read them here.
     members: np.ndarray | None = field(default=None, repr=False, compare=False)
     # The trigger the transfer test estimated for a poisoned class (repair stamps held-out
-    # samples with it to measure the attack). Neither is written to JSON.
+    # samples with it to measure the attack). JSON holds the members of a poisoned class
+    # only (``flagged_indices``) and the trigger only up to TRIGGER_MAX_VALUES values.
     trigger: Any = field(default=None, repr=False, compare=False)
+    # The transfer test's rate per stamped class for the reported cluster (empty when the
+    # model was not asked about it).
+    transfer_rates: dict[int, float] = field(default_factory=dict)
+    # The first two reduced dimensions of the reported clustering, for the HTML report's plot:
+    # ``x``, ``y``, the k-means ``cluster`` and the sample ``index`` of at most
+    # PROJECTION_POINTS seeded samples of the class.
+    projection: dict[str, list[Any]] | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready figures of the class (indices and the trigger left out)."""
+        """JSON-ready figures of the class (a clean class's indices left out)."""
         out = {
             f.name: getattr(self, f.name)
             for f in fields(self)
-            if f.name not in ("members", "trigger", "exre")
+            if f.name not in ("members", "trigger", "exre", "transfer_rates", "projection")
         }
+        out["transfer_rates"] = {str(k): v for k, v in self.transfer_rates.items()}
         if self.exre is not None:
             out["exre"] = {m: asdict(o) for m, o in self.exre.items()}
             if self.exre_decided_by:
                 out["exre"]["decided_by"] = self.exre_decided_by
         out.pop("exre_decided_by")
+        if self.verdict == "poisoned" and self.members is not None:
+            out["flagged_indices"] = [int(i) for i in self.members]
+        trig = _trigger_dict(self.trigger)
+        if trig is not None:
+            out["trigger"] = trig
+        if self.projection is not None:
+            out["projection"] = self.projection
         return _clean(out)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ClassResult:
+        """A class result from its JSON form (``to_dict``)."""
+        names = {f.name for f in fields(cls)} - {"members", "trigger", "exre", "transfer_rates"}
+        out = cls(**{k: v for k, v in d.items() if k in names})
+        out.transfer_rates = {int(k): v for k, v in (d.get("transfer_rates") or {}).items()}
+        if d.get("exre"):
+            exre = dict(d["exre"])
+            out.exre_decided_by = exre.pop("decided_by", None)
+            out.exre = {m: ExreOutcome(**o) for m, o in exre.items()}
+        if "flagged_indices" in d:
+            out.members = np.asarray(d["flagged_indices"], dtype=np.int64)
+        if d.get("trigger"):
+            out.trigger = _trigger_from_dict(d["trigger"])
+        return out
 
 
 @dataclass
@@ -105,6 +141,20 @@ class ExreResult:
             out["not_examined"] = self.not_examined
         out.update(self.runs)
         return _clean(out)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ExreResult:
+        """The summary back from its JSON form (without the per-sample predictions)."""
+        known = ("methods", "threshold", "include_unflagged", "max_share", "clusters")
+        return cls(
+            methods=list(d["methods"]),
+            threshold=d["threshold"],
+            include_unflagged=d["include_unflagged"],
+            max_share=d["max_share"],
+            clusters={int(k): v for k, v in d["clusters"].items()},
+            not_examined=list(d.get("not_examined") or []),
+            runs={k: v for k, v in d.items() if k not in (*known, "not_examined")},
+        )
 
 
 @dataclass
@@ -167,6 +217,9 @@ class Report:
     # Set when the scan could not mean anything (e.g. the model does not fit the labels
     # given): the verdict is then "nothing scanned" whatever the clusters say.
     not_meaningful: str | None = None
+    # The training samples as given (before any conversion; a memory map for .npy), for the
+    # HTML report's mosaics. Never written to JSON.
+    samples: Any = field(default=None, repr=False, compare=False)
 
     @property
     def verdict(self) -> str:
@@ -283,13 +336,49 @@ class Report:
             lines.append(f"  time: {shown}")
         return "\n".join(lines) + "\n"
 
-    def render(self, fmt: str) -> str:
-        """Render as ``text`` or ``json``."""
+    def render(self, fmt: str, **options: Any) -> str:
+        """Render as ``text``, ``json``, ``sarif`` or ``html`` (``options`` go to the HTML
+        renderer: ``samples``, ``vocab``; see :mod:`backdoorscan.scanner.html`)."""
         if fmt == "json":
             return self.to_json()
         if fmt == "text":
             return self.to_text()
+        if fmt == "sarif":
+            from backdoorscan.scanner.sarif import to_sarif
+
+            return json.dumps(to_sarif(self), indent=2) + "\n"
+        if fmt == "html":
+            from backdoorscan.scanner.html import to_html
+
+            return to_html(self, **options)
         raise ValueError(f"unknown format {fmt!r}")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Report:
+        """A report loaded from its JSON form (``to_dict``), e.g. to render it again.
+
+        Derived figures (verdict, poisoned classes) are recomputed; the samples are not in
+        JSON (``samples`` is None), nor ExRe's per-sample predictions."""
+        n = len(d.get("scores") or [])
+        report = cls(
+            tool_version=str((d.get("tool") or {}).get("version", "")),
+            settings=dict(d.get("settings") or {}),
+            classes=[ClassResult.from_dict(c) for c in d.get("classes") or []],
+            flagged_indices=np.asarray(d.get("flagged_indices") or [], dtype=np.int64),
+            scores=np.asarray(d.get("scores") or np.zeros(n), dtype=np.float64),
+            model=dict(d.get("model") or {}),
+            data=dict(d.get("data") or {}),
+            provider=d.get("provider"),
+            timings=dict(d.get("timings_s") or {}),
+            notes=list(d.get("notes") or []),
+            schema_version=int(d.get("schema_version", SCHEMA_VERSION)),
+        )
+        report.not_meaningful = d.get("not_meaningful")
+        if d.get("exre"):
+            report.exre = ExreResult.from_dict(d["exre"])
+        if d.get("repair"):
+            report.repair = RepairResult(**d["repair"])
+        return report
 
 
 def _evidence_lines(report: Report) -> list[str]:
@@ -397,6 +486,69 @@ def _repair_lines(repair: RepairResult | None) -> list[str]:
     for path in repair.written:
         lines.append(f"    wrote {path}")
     return lines
+
+
+def class_projection(
+    z: np.ndarray, clusters: np.ndarray, idx: np.ndarray, seed: int, suspicious: np.ndarray
+) -> dict[str, list[Any]]:
+    """A 2-D view of a class's reduced activations ``z`` (one row per sample ``idx``, k-means
+    label ``clusters``) at a seeded sample of at most PROJECTION_POINTS rows: ``x`` along the
+    line joining the ``suspicious`` cluster's mean to the rest's (the axis the separation is
+    measured on), ``y`` the main direction of what is left; 4 decimals. The first two reduced
+    dimensions themselves (ICA's are in no order) often hide a cluster that is far apart."""
+    z = np.asarray(z, dtype=np.float64)
+    z = z - z.mean(axis=0)
+    axes = np.zeros((z.shape[1], 2))
+    if suspicious.any() and (~suspicious).any():
+        gap = z[suspicious].mean(axis=0) - z[~suspicious].mean(axis=0)
+        norm = float(np.linalg.norm(gap))
+        axes[:, 0] = gap / norm if norm > 0 else np.eye(z.shape[1])[0]
+    else:
+        axes[:, 0] = np.eye(z.shape[1])[0]
+    rest = z - np.outer(z @ axes[:, 0], axes[:, 0])
+    if z.shape[1] > 1:
+        _, _, vt = np.linalg.svd(rest, full_matrices=False)
+        axes[:, 1] = vt[0] * (1.0 if vt[0][np.argmax(np.abs(vt[0]))] >= 0 else -1.0)
+    rows = np.arange(len(z))
+    if len(z) > PROJECTION_POINTS:
+        rng = np.random.default_rng([seed, len(z), 2])
+        rows = np.sort(rng.choice(len(z), size=PROJECTION_POINTS, replace=False))
+    xy = z[rows] @ axes
+    return {
+        "x": [round(float(v), 4) for v in xy[:, 0]],
+        "y": [round(float(v), 4) for v in xy[:, 1]],
+        "cluster": [int(v) for v in clusters[rows]],
+        "index": [int(v) for v in idx[rows]],
+    }
+
+
+def _trigger_dict(trigger: Any) -> dict[str, Any] | None:
+    """A trigger's JSON form: its values (flattened), shape and clip range; None when there
+    is none or it is larger than TRIGGER_MAX_VALUES."""
+    if trigger is None or getattr(trigger, "values", None) is None:
+        return None
+    values = np.asarray(trigger.values)
+    if values.size > TRIGGER_MAX_VALUES:
+        return None
+    lo, hi = float(getattr(trigger, "lo", -np.inf)), float(getattr(trigger, "hi", np.inf))
+    return {
+        "tokens": bool(getattr(trigger, "tokens", False)),
+        "shape": list(values.shape),
+        "values": values.ravel().tolist(),
+        "lo": lo if np.isfinite(lo) else None,
+        "hi": hi if np.isfinite(hi) else None,
+    }
+
+
+def _trigger_from_dict(d: dict[str, Any]) -> Any:
+    """The Trigger back from ``_trigger_dict``'s form."""
+    from backdoorscan.scanner.transfer import Trigger
+
+    dtype = np.int64 if d.get("tokens") else np.float32
+    values = np.asarray(d["values"], dtype=dtype).reshape(d["shape"])
+    lo = -np.inf if d.get("lo") is None else d["lo"]
+    hi = np.inf if d.get("hi") is None else d["hi"]
+    return Trigger(values, tokens=bool(d.get("tokens")), lo=lo, hi=hi)
 
 
 def _fmt(value: float | int | None, spec: str, width: int) -> str:
