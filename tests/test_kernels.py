@@ -257,3 +257,28 @@ def test_kernels_import_only_numpy_and_numba():
                 continue
             for name in names:
                 assert name.split(".")[0] in allowed, f"{path.name} imports {name}"
+
+
+# ----------------------------------------------------------------------- detect's BLAS limit
+
+
+def test_detect_holds_blas_to_one_thread_around_the_class_work(monkeypatch):
+    """detect() called straight from Python (no scan() around it) runs its classes on threads;
+    BLAS must be held to one thread inside, or each class thread's products start a BLAS pool
+    of their own."""
+    from threadpoolctl import threadpool_info
+
+    from backdoorscan import detect
+    from backdoorscan.scanner import detect as detect_module
+
+    seen: list[int] = []
+    reduce = detect_module.reduce_features
+
+    def spy(*args, **kwargs):
+        seen.extend(i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas")
+        return reduce(*args, **kwargs)
+
+    monkeypatch.setattr(detect_module, "reduce_features", spy)
+    rng = np.random.default_rng(0)
+    detect(rng.normal(size=(200, 16)), np.arange(200) % 2, rule=("size", "separation"))
+    assert seen and set(seen) == {1}

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from backdoorscan._version import __version__
 from backdoorscan.kernels import fastica, kmeans, pca, silhouette_score
@@ -290,12 +291,17 @@ def detect(
 
     # Classes are independent and their kernels release the GIL: a thread each, results in
     # class order (each class is seeded on its own, so the report does not depend on n_jobs).
+    # The classes are the parallelism: BLAS is held to one thread here (as scikit-learn does
+    # around its own thread pools), else every class thread's small matrix products start a
+    # pool of BLAS threads each and they spin against one another (4-12x slower at 10k samples
+    # on 2 cores, benchmarks/RESULTS.md). Nested inside scan()'s own limit, this is a no-op.
     workers = min(_n_jobs(cfg.n_jobs), len(classes))
-    if workers > 1:
-        with ThreadPoolExecutor(workers) as pool:
-            outs = list(pool.map(one, classes, jobs))
-    else:
-        outs = [one(c, idx) for c, idx in zip(classes, jobs, strict=True)]
+    with threadpool_limits(limits=1, user_api="blas"):
+        if workers > 1:
+            with ThreadPoolExecutor(workers) as pool:
+                outs = list(pool.map(one, classes, jobs))
+        else:
+            outs = [one(c, idx) for c, idx in zip(classes, jobs, strict=True)]
     results: list[ClassResult] = []
     for idx, (result, class_scores) in zip(jobs, outs, strict=True):
         results.append(result)
