@@ -32,6 +32,7 @@ from backdoorscan.cli_options import (
     pop_exre_config,
     progress_bar,
     refuse_overwrite,
+    report_options,
     writable_output,
 )
 from backdoorscan.scanner.config import DetectConfig
@@ -380,6 +381,56 @@ def export(
     )
     for note in exported.notes:
         click.echo(f"  note: {note}")
+
+
+@cli.command("report")
+@click.argument(
+    "report_path", metavar="REPORT.json", type=click.Path(dir_okay=False, path_type=Path)
+)
+@report_options
+def report_cmd(
+    report_path: Path, fmt: str, output: Path | None, data_path: Path | None, x_key: str,
+    quiet: bool,
+) -> None:  # fmt: skip
+    """Render a saved JSON report again, as HTML, SARIF, text or JSON.
+
+    \b
+    The mosaics of the HTML report are drawn from the data (--data), which the JSON does not
+    hold; the projections, the trigger and the figures are in the JSON. Exit codes as for the
+    scan that wrote the report: 0 clean, 1 backdoor found, 3 nothing scanned; 2 error.
+    Examples:
+      backdoorscan scan model.onnx --data train.npz --format json -o report.json
+      backdoorscan report report.json --format html --data train.npz -o report.html
+      backdoorscan report report.json --format sarif -o scan.sarif
+    """
+    import json
+
+    from backdoorscan.scanner.html import load_samples
+    from backdoorscan.scanner.report import SCHEMA_VERSION, Report
+
+    refuse_overwrite(output, report_path, data_path)
+    with errors():
+        try:
+            doc = json.loads(report_path.read_text(encoding="utf-8"))
+            if not isinstance(doc, dict) or (doc.get("tool") or {}).get("name") != "backdoorscan":
+                raise TypeError("no tool.name 'backdoorscan'")
+            if int(doc.get("schema_version", 0)) > SCHEMA_VERSION:
+                raise ScanError(
+                    f"{report_path} has report schema {doc['schema_version']}, newer than this "
+                    f"backdoorscan's ({SCHEMA_VERSION}): upgrade backdoorscan to render it"
+                )
+            report = Report.from_dict(doc)
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
+            raise ScanError(f"{report_path} is not a backdoorscan JSON report: {exc}") from None
+        if data_path is not None:
+            report.samples = load_samples(data_path, x_key)
+    if report.samples is not None and len(report.samples) != len(report.scores):
+        raise ScanError(
+            f"{data_path} holds {len(report.samples)} samples but the report was made from "
+            f"{len(report.scores)}: not the data that was scanned"
+        )
+    emit(report, fmt, output, quiet)
+    sys.exit(report.exit_code)
 
 
 def _on_signal(signum: int, _frame: object) -> None:

@@ -479,3 +479,39 @@ vocab_option = click.option(
 )
 
 
+def report_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Options of ``backdoorscan report``: the format, the output and the data to draw."""
+    opts = [
+        click.option(
+            "--format",
+            "fmt",
+            type=click.Choice(REPORT_FORMATS),
+            default="text",
+            show_default=True,
+            callback=check_format,
+            help=FORMAT_HELP,
+        ),
+        click.option(
+            "-o",
+            "--output",
+            type=click.Path(dir_okay=False, path_type=Path),
+            callback=writable_output,
+            help="Write the rendered report to this file (atomically); stdout then gets the "
+            "text summary only (nothing with -q).",
+        ),
+        click.option(
+            "--data",
+            "data_path",
+            type=click.Path(dir_okay=False, exists=True, path_type=Path),
+            help="--format html: the training data that was scanned (.npz, or .npy samples), "
+            "to draw the suspicious samples; without it the HTML says so.",
+        ),
+        click.option(
+            "--x-key", default="x", show_default=True, help="Array name of the samples in .npz."
+        ),
+        vocab_option,
+        click.option("-q", "--quiet", is_flag=True, help="No summary."),
+    ]
+    return stack_options(opts, fn)
+
+

@@ -24,7 +24,14 @@ import numpy as np
 
 from backdoorscan.scanner.report import ClassResult, Report, _exre_lines, _fmt, _repair_lines
 
-__all__ = ["REPORT_EXTRA", "MissingExtraError", "load_vocab", "require_matplotlib", "to_html"]
+__all__ = [
+    "REPORT_EXTRA",
+    "MissingExtraError",
+    "load_samples",
+    "load_vocab",
+    "require_matplotlib",
+    "to_html",
+]
 
 REPORT_EXTRA = 'pip install "backdoorscan[report]"'
 # Tiles per mosaic (the suspicious cluster's, and the rest of the class's), samples ranked.
@@ -62,6 +69,18 @@ def load_vocab(path: str | Path) -> dict[int, str]:
             return {i: str(t) for i, t in enumerate(doc)}
         raise ValueError(f"{path}: expected a JSON object or list of tokens")
     return dict(enumerate(text.splitlines()))
+
+
+def load_samples(path: str | Path, x_key: str = "x") -> np.ndarray:
+    """The samples of a data file as given, for the mosaics: ``x_key`` of an ``.npz`` or an
+    ``.npy`` (memory-mapped). Nothing is unpickled."""
+    path = Path(path)
+    if path.suffix.lower() == ".npy":
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    with np.load(path, allow_pickle=False) as arrays:
+        if x_key not in arrays.files:
+            raise ValueError(f"{path} holds no array {x_key!r} (it holds {arrays.files})")
+        return arrays[x_key]
 
 
 def to_html(
