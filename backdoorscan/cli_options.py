@@ -243,6 +243,18 @@ def progress_bar(enabled: bool) -> Iterator[tuple[Callable[[int], None], Callabl
             state["bar"].__exit__(None, None, None)
 
 
+def class_progress(enabled: bool) -> Callable[[int, int], None]:
+    """``update(done, total)``: one line on stderr that counts the classes analysed
+    ("analysing classes 3/10"), rewritten in place; shown only when stderr is a terminal."""
+    show = enabled and sys.stderr.isatty()
+
+    def update(done: int, total: int) -> None:
+        if show:
+            click.echo(f"\ranalysing classes {done}/{total}", err=True, nl=done >= total)
+
+    return update
+
+
 REPORT_FORMATS = ["text", "json", "html", "sarif"]
 FORMAT_HELP = (
     "Report format: text, json (schema: docs/report.schema.json), html (one self-contained "

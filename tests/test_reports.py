@@ -389,3 +389,25 @@ def test_html_without_matplotlib_is_one_line(
     assert code == 2
     assert err.count("\n") == 1 and 'pip install "backdoorscan[report]"' in err
     assert stdout == "" and not out.exists()  # refused before the scan
+
+
+def test_class_progress_is_one_line_on_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
+    import io
+
+    from backdoorscan.cli_options import class_progress
+
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    for tty, quiet, expected in (
+        (True, False, "\ranalysing classes 1/3\ranalysing classes 3/3\n"),
+        (True, True, ""),
+        (False, False, ""),
+    ):
+        err = Tty() if tty else io.StringIO()
+        monkeypatch.setattr(sys, "stderr", err)
+        update = class_progress(not quiet)
+        update(1, 3)
+        update(3, 3)
+        assert err.getvalue() == expected
