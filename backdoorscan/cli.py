@@ -26,6 +26,7 @@ from backdoorscan.cli_options import (
     emit,
     errors,
     exre_options,
+    isolation_options,
     model_options,
     output_options,
     parse_memory,
@@ -66,6 +67,7 @@ def cli() -> None:
     "refused before extraction. Default: the machine's (or container's) memory.",
 )
 @model_options
+@isolation_options
 @detect_options
 @exre_options
 @output_options
@@ -85,6 +87,8 @@ def scan(
     arch_kwargs: str | None,
     input_shape: str | None,
     layer: str | None,
+    timeout: float,
+    trust_model: bool,
     fmt: str,
     output: Path | None,
     quiet: bool,
@@ -104,7 +108,9 @@ def scan(
 
     exre = pop_exre_config(detect_kw)
     cfg = build_detect_config(**detect_kw)
-    opts = build_run_options(device, batch_size, max_memory, scale, mean, std, x_key, y_key)
+    opts = build_run_options(
+        device, batch_size, max_memory, scale, mean, std, x_key, y_key, timeout, trust_model
+    )
     mopts = build_model_options(layer, arch, arch_kwargs, input_shape)
     refuse_overwrite(output, model, data_path, labels)
     with errors(), progress_bar(not quiet) as (start, step):
@@ -199,6 +205,7 @@ def scan(
 )
 @click.option("-q", "--quiet", is_flag=True, help="No summary.")
 @model_options
+@isolation_options
 @detect_options
 @exre_options
 def repair(
@@ -228,6 +235,8 @@ def repair(
     arch_kwargs: str | None,
     input_shape: str | None,
     layer: str | None,
+    timeout: float,
+    trust_model: bool,
     **detect_kw: Any,
 ) -> None:
     """Scan MODEL, relabel or remove the poison it finds, retrain until the attack is gone,
@@ -248,7 +257,9 @@ def repair(
     exre = pop_exre_config(detect_kw)
     budget = {"max_asr": max_asr, "max_acc_drop": max_acc_drop}
     cfg = build_detect_config(**detect_kw)
-    opts = build_run_options(device, 256, None, scale, mean, std, x_key, y_key)
+    opts = build_run_options(
+        device, 256, None, scale, mean, std, x_key, y_key, timeout, trust_model
+    )
     mopts = build_model_options(layer, arch, arch_kwargs, input_shape)
     for out in (output, data_out, report_path):
         refuse_overwrite(out, model, data_path, labels, test, trigger_test)
@@ -315,12 +326,15 @@ def demo(fmt: str, output: Path | None, quiet: bool) -> None:
 @cli.command()
 @click.argument("model", type=click.Path(path_type=Path))
 @model_options
+@isolation_options
 def layers(
     model: Path,
     arch: str | None,
     arch_kwargs: str | None,
     input_shape: str | None,
     layer: str | None,
+    timeout: float,
+    trust_model: bool,
 ) -> None:
     """List the hidden tensors of MODEL that can be clustered; the default is marked with *.
 
@@ -328,11 +342,12 @@ def layers(
     Example:
       backdoorscan layers model.onnx
     """
-    from backdoorscan import adapters
+    from backdoorscan.scanner.config import RunOptions
+    from backdoorscan.scanner.pipeline import list_layers
 
-    kwargs = build_model_options(layer, arch, arch_kwargs, input_shape).loader_kwargs()
+    mopts = build_model_options(layer, arch, arch_kwargs, input_shape)
     with errors():
-        rows = adapters.load(model, **kwargs).layers()
+        rows = list_layers(model, mopts, RunOptions(timeout=timeout, trust_model=trust_model))
     if not rows:
         raise ScanError("no candidate hidden layers found")
     for row in rows:
@@ -351,6 +366,7 @@ def layers(
     help="Where to write the ONNX file (atomically).",
 )
 @model_options
+@isolation_options
 def export(
     model: Path,
     output: Path,
@@ -358,6 +374,8 @@ def export(
     arch_kwargs: str | None,
     input_shape: str | None,
     layer: str | None,
+    timeout: float,
+    trust_model: bool,
 ) -> None:
     """Export MODEL to ONNX with two outputs, logits and features (the layer that is clustered).
 
@@ -367,12 +385,14 @@ def export(
         -o model.onnx
       backdoorscan export model.keras -o model.onnx
     """
-    from backdoorscan import adapters
+    from backdoorscan.scanner.config import RunOptions
+    from backdoorscan.scanner.pipeline import prepare
 
-    kwargs = build_model_options(None, arch, arch_kwargs, input_shape).loader_kwargs()
+    mopts = build_model_options(layer, arch, arch_kwargs, input_shape)
+    ropts = RunOptions(timeout=timeout, trust_model=trust_model)
     refuse_overwrite(output, model)
-    with errors():
-        exported = adapters.load(model, **kwargs).to_onnx(layer)
+    with errors(), prepare(model, None, mopts, ropts) as prepared:
+        exported = prepared.export
         atomic_write_bytes(output, exported.model_bytes)
     dims = "x".join("?" if d is None else str(d) for d in exported.input_shape)
     click.echo(

@@ -149,6 +149,29 @@ def model_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     return stack_options(opts, fn)
 
 
+def isolation_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """How far an untrusted model file is trusted: where it runs and for how long."""
+    opts = [
+        click.option(
+            "--timeout",
+            type=click.FloatRange(0, min_open=True),
+            default=600.0,
+            show_default=True,
+            metavar="SECONDS",
+            help="Longest one request to the model's worker process may take (loading, "
+            "exporting, one batch); past it the worker is killed and the command exits 2.",
+        ),
+        click.option(
+            "--trust-model",
+            is_flag=True,
+            help="Load the model file in this process, without the confined worker (see "
+            "SECURITY.md). Needed to retrain (repair, --exre full) a TorchScript or "
+            "torch.export file, whose loading runs the file's own code.",
+        ),
+    ]
+    return stack_options(opts, fn)
+
+
 def build_model_options(
     layer: str | None, arch: str | None, arch_kwargs: str | None, input_shape: str | None
 ) -> Any:
@@ -176,11 +199,15 @@ def build_run_options(
     std: str | None,
     x_key: str,
     y_key: str,
+    timeout: float | None = 600.0,
+    trust_model: bool = False,
 ) -> Any:
     """The run options, built once from the command line."""
     from backdoorscan.scanner.config import RunOptions
 
     return RunOptions(
+        timeout=timeout,
+        trust_model=trust_model,
         device=device,
         batch_size=batch_size,
         max_memory=max_memory,
@@ -206,20 +233,46 @@ def refuse_overwrite(output: Path | None, *inputs: Path | None) -> None:
 
 @contextmanager
 def errors() -> Iterator[None]:
-    """Turn the library's errors into one-line messages with exit code 2."""
+    """Turn the library's errors into one-line messages with exit code 2.
+
+    Every error leaves as one line, whatever raised it: a message of several lines keeps its
+    first non-blank line (framework errors put the cause there), and an exception nobody
+    expected is named with its type rather than shown as a traceback. Click's own exceptions
+    pass through, made one line as well.
+    """
     from backdoorscan.adapters.base import AdapterError
     from backdoorscan.scanner.data import DataError
     from backdoorscan.scanner.exre import ExreError
     from backdoorscan.scanner.extract import ExtractionError
 
+    def one_line(text: str, limit: int = 500) -> str:
+        line = next((ln.strip() for ln in str(text).splitlines() if ln.strip()), "")
+        return line if len(line) <= limit else line[: limit - 3] + "..."
+
+    def unexpected(exc: BaseException) -> str:
+        detail = one_line(str(exc))
+        return (
+            f"unexpected {type(exc).__name__}{': ' + detail if detail else ''} (a bug or an "
+            "unusual file; please report it)"
+        )
+
     try:
         yield
+    except click.ClickException as exc:
+        exc.message = one_line(exc.message)
+        raise
     except (AdapterError, DataError, ExtractionError, ExreError) as exc:
-        raise ScanError(str(exc)) from None
+        raise ScanError(one_line(str(exc))) from None
+    except RuntimeError as exc:  # the model's worker failed, was stopped or timed out
+        if type(exc).__module__.startswith("backdoorscan.sandbox"):
+            raise ScanError(one_line(str(exc))) from None
+        raise ScanError(unexpected(exc)) from None
     except MemoryError:
         raise ScanError("out of memory; lower --batch-size or scan a subset") from None
     except (OSError, ValueError) as exc:
-        raise ScanError(f"{type(exc).__name__}: {exc}") from None
+        raise ScanError(one_line(f"{type(exc).__name__}: {exc}")) from None
+    except Exception as exc:
+        raise ScanError(unexpected(exc)) from None
 
 
 @contextmanager

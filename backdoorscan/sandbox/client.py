@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -91,6 +92,7 @@ class ModelWorker:
         self._dead: str | None = None
         self._peak = 0
         self._preload: set[str] = set()
+        self._lock = threading.RLock()  # one request at a time on the socket
         self._extra_read: set[str] = set()
 
     # -- life cycle --------------------------------------------------------------------------
@@ -328,7 +330,15 @@ class ModelWorker:
     def _request(
         self, header: dict[str, Any], buffers: Sequence[Any], what: str, setup: bool = False
     ) -> tuple[dict[str, Any], list[Any]]:
-        """Send one request, wait for its reply within the deadline; raise its error."""
+        """Send one request, wait for its reply within the deadline; raise its error. One
+        request at a time: the scanner asks from several threads (one per class), and the
+        socket carries one conversation."""
+        with self._lock:
+            return self._request_one(header, buffers, what, setup)
+
+    def _request_one(
+        self, header: dict[str, Any], buffers: Sequence[Any], what: str, setup: bool
+    ) -> tuple[dict[str, Any], list[Any]]:
         if self._dead:
             raise SandboxError(f"the model worker is gone ({self._dead}); start a new one")
         if self._proc is None or self._sock is None:

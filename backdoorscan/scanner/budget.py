@@ -205,12 +205,15 @@ def check_memory(
     batch_size: int,
     config: DetectConfig,
     max_memory: int | None,
+    sizes: ActivationSizes | None = None,
 ) -> MemoryEstimate:
     """Estimate the scan's memory; refuse it (MemoryBudgetError) when over ``max_memory``.
 
-    Without ``max_memory`` the limit is the machine's (or the container's) memory.
+    Without ``max_memory`` the limit is the machine's (or the container's) memory. ``sizes``
+    replaces the shape inference of the exported graph (a model isolated in a worker is never
+    parsed in this process: its own memory is bounded there).
     """
-    sizes = activation_sizes(export)
+    sizes = sizes if sizes is not None else activation_sizes(export)
     est = estimate(export, ds, batch_size=batch_size, config=config, sizes=sizes)
     limit = max_memory if max_memory is not None else machine_memory()
     if limit is None or est.total <= limit:

@@ -111,7 +111,8 @@ class RunOptions:
 
     ``max_memory`` (bytes; None: the machine's memory) bounds the scan's arrays; ``scale``,
     ``mean``, ``std`` normalise float inputs per batch; ``x_key``, ``y_key`` name the arrays
-    of an ``.npz`` data file.
+    of an ``.npz`` data file; ``timeout`` bounds each request to the model's worker process and
+    ``trust_model`` loads a model file in this process instead (see ``SECURITY.md``).
     """
 
     device: str = "auto"
@@ -122,8 +123,15 @@ class RunOptions:
     std: list[float] | None = None
     x_key: str = "x"
     y_key: str = "y"
+    # A model FILE is untrusted: it is loaded and run in a confined worker process (memory
+    # bounded by max_memory, each request by timeout seconds) unless trust_model says it may
+    # be loaded in this process (needed to retrain a format that runs its own code).
+    timeout: float | None = 600.0
+    trust_model: bool = False
 
     def __post_init__(self) -> None:
+        if self.timeout is not None and self.timeout <= 0:
+            raise ValueError("timeout must be positive (or None: no limit)")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be auto, cpu or cuda, not {self.device!r}")
         if self.batch_size < 1:

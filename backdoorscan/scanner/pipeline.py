@@ -21,8 +21,8 @@ from threadpoolctl import threadpool_limits
 
 from backdoorscan import adapters
 from backdoorscan._io import sha256_file
-from backdoorscan.adapters.base import Adapter, OnnxExport
-from backdoorscan.scanner.budget import check_memory, machine_memory
+from backdoorscan.adapters.base import Adapter, LayerInfo, OnnxExport
+from backdoorscan.scanner.budget import ActivationSizes, check_memory, machine_memory
 from backdoorscan.scanner.config import DetectConfig, ModelOptions, RunOptions, split_settings
 from backdoorscan.scanner.data import DataError, Dataset, conform, from_arrays, load_data
 from backdoorscan.scanner.detect import detect
@@ -31,7 +31,7 @@ from backdoorscan.scanner.extract import Activations, extract, make_session
 from backdoorscan.scanner.report import Report
 from backdoorscan.scanner.transfer import TransferProbe
 
-__all__ = ["Prepared", "Progress", "load_dataset", "prepare", "run", "scan"]
+__all__ = ["Prepared", "Progress", "list_layers", "load_dataset", "prepare", "run", "scan"]
 
 
 @dataclass
@@ -45,14 +45,52 @@ class Progress:
 
 @dataclass
 class Prepared:
-    """A model loaded through its adapter and exported with a ``features`` output, plus where
-    it came from (``source``: the file and its ``sha256`` taken before it was read, or None
-    for an in-memory model)."""
+    """A model ready to scan: its ONNX export with a ``features`` output, and where it runs.
 
-    adapter: Adapter
+    A model file is loaded, exported and run in a confined worker process (``worker``; the
+    scanner never parses it); an in-memory model, or a file with ``trust_model``, through its
+    ``adapter`` in this process. ``source`` and ``sha256`` (taken before the file was read)
+    name the file, None for an in-memory model. Use it as a context manager, or ``close()``
+    it: that ends the worker.
+    """
+
     export: OnnxExport
+    adapter: Adapter | None = None
+    worker: Any = None  # a backdoorscan.sandbox.ModelWorker
     source: Path | None = None
     sha256: str | None = None
+
+    @property
+    def framework(self) -> str:
+        """The framework the model came from."""
+        return self.adapter.framework if self.adapter is not None else self.export.framework
+
+    @property
+    def isolation(self) -> str:
+        """How the model is isolated, in one line, for the report."""
+        if self.worker is not None:
+            status = self.worker.status
+            return f"worker process: {status.summary()}" if status else "worker process"
+        if self.source is not None:
+            return "none: loaded in the scanner's process (--trust-model)"
+        return "none: an in-memory model"
+
+    def session(self, device: str, threads: int | None = None) -> Any:
+        """An ONNX Runtime session (or the worker's proxy for one) running the export."""
+        if self.worker is not None:
+            return self.worker.session(self.export, device=device, threads=threads)
+        return make_session(self.export, device, threads=threads)
+
+    def close(self) -> None:
+        """End the worker process, if there is one."""
+        if self.worker is not None:
+            self.worker.close()
+
+    def __enter__(self) -> Prepared:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def load_dataset(
@@ -79,29 +117,84 @@ def load_dataset(
 
 
 def prepare(
-    model: Any, dataset: Dataset | None = None, options: ModelOptions | None = None
+    model: Any,
+    dataset: Dataset | None = None,
+    options: ModelOptions | None = None,
+    run_options: RunOptions | None = None,
+    *,
+    in_process: bool = False,
 ) -> Prepared:
     """Load a model (a path, an in-memory model or an adapter) and export it with features.
 
-    Formats that do not record their input (TorchScript, in-memory modules) take the
-    per-sample shape and dtype of ``dataset``.
+    A path is loaded in a confined worker process (``backdoorscan.sandbox``) unless
+    ``run_options.trust_model`` is set or ``in_process`` is asked for (retraining needs the
+    model here); a format whose loading runs the file's own code is then refused without
+    ``trust_model``. Formats that do not record their input (TorchScript, in-memory modules)
+    take the per-sample shape and dtype of ``dataset``.
     """
     opts = options or ModelOptions()
+    ropts = run_options or RunOptions()
     kwargs = opts.loader_kwargs()
     if dataset is not None:
         kwargs.setdefault("input_shape", tuple(dataset.x.shape[1:]))
         if dataset.x.dtype in (np.int64, np.int32):
             kwargs.setdefault("input_dtype", "int64")
-    source = sha = None
-    if isinstance(model, (str, Path)):
-        source = Path(model)
-        sha = sha256_file(source) if source.is_file() else None  # before it is parsed
-        adapter = adapters.load(source, **kwargs)
-    elif isinstance(model, Adapter):
-        adapter = model
-    else:
+    if isinstance(model, Adapter):
+        return Prepared(model.to_onnx(opts.layer), model)
+    if not isinstance(model, (str, Path)):
         adapter = adapters.from_object(model, **kwargs)
-    return Prepared(adapter, adapter.to_onnx(opts.layer), source, sha)
+        return Prepared(adapter.to_onnx(opts.layer), adapter)
+    source = Path(model)
+    sha = sha256_file(source) if source.is_file() else None  # before it is parsed
+    if ropts.trust_model or in_process:
+        code = adapters.runs_code(source)
+        if code and not ropts.trust_model:
+            raise adapters.AdapterError(
+                f"{source.name} is {code}, whose loading runs code the file carries, and "
+                "retraining needs it loaded in the scanner's own process: pass --trust-model "
+                "only if you trust this file"
+            )
+        adapter = adapters.load(source, **kwargs)
+        return Prepared(adapter.to_onnx(opts.layer), adapter, None, source, sha)
+    worker = open_worker(source, ropts)
+    try:
+        export = worker.export(source, opts.layer, **kwargs)
+    except BaseException:
+        worker.close()
+        raise
+    return Prepared(export, None, worker, source, sha)
+
+
+def list_layers(
+    model: str | Path, options: ModelOptions | None = None, run_options: RunOptions | None = None
+) -> list[LayerInfo]:
+    """The hidden layers of a model file that can be clustered (the default marked), read in
+    a worker process unless ``run_options.trust_model``."""
+    kwargs = (options or ModelOptions()).loader_kwargs()
+    ropts = run_options or RunOptions()
+    if ropts.trust_model:
+        return adapters.load(model, **kwargs).layers()
+    worker = open_worker(Path(model), ropts)
+    try:
+        return worker.layers(model, **kwargs)
+    finally:
+        worker.close()
+
+
+def open_worker(source: Path, options: RunOptions) -> Any:
+    """A started worker process for the model file ``source``: memory bounded by
+    ``options.max_memory``, each request by ``options.timeout``, reading only the model's
+    folder (and an --arch module's, which the worker finds on ``sys.path``)."""
+    from backdoorscan.sandbox import Limits, ModelWorker
+
+    limits = Limits(
+        max_memory=options.max_memory,
+        timeout=options.timeout,
+        allow_read=[source.resolve().parent],
+    )
+    worker = ModelWorker(limits)
+    worker.start()
+    return worker
 
 
 def run(
@@ -122,14 +215,17 @@ def run(
     conform(
         dataset, export.input_shape, export.input_dtype, export.num_classes, **opts.normalisation
     )
-    # Refused here, before the runtime allocates anything for a model that would not fit.
+    # Refused here, before the runtime allocates anything for a model that would not fit. A
+    # model in a worker is not parsed here: its memory is bounded in its own process.
+    sizes = ActivationSizes(feature_dim=export.feature_dim) if prepared.worker else None
     check_memory(
-        export, dataset, batch_size=opts.batch_size, config=cfg, max_memory=opts.max_memory
-    )
+        export, dataset, batch_size=opts.batch_size, config=cfg, max_memory=opts.max_memory,
+        sizes=sizes,
+    )  # fmt: skip
     t = time.perf_counter()
     if progress is not None and progress.start is not None:
         progress.start(len(dataset))
-    session = make_session(export, opts.device, threads=cfg.n_jobs or None)
+    session = prepared.session(opts.device, threads=cfg.n_jobs or None)
     # ONNX Runtime's thread pool and the BLAS library's would each take every core, and both
     # spin while they wait: interleaved (the input sketch between batches, the neighbour
     # searches between transfer probes) they starve each other, 2.4x slower on MNIST here
@@ -158,7 +254,8 @@ def run(
     report.provider = acts.provider
     report.samples = dataset.x  # as given, for the HTML report's mosaics
     report.model = {
-        "framework": prepared.adapter.framework,
+        "framework": prepared.framework,
+        "isolation": prepared.isolation,
         "layer": export.layer,
         "feature_dim": int(acts.features.shape[1]),
         "num_classes": acts.num_classes,
@@ -215,10 +312,13 @@ def scan(
     """
     opts, mopts, cfg = split_settings("scan", settings, options, model_options, config)
     t = time.perf_counter()
+    ecfg = exre_config(exre, cfg.seed)
     dataset = load_dataset(data, labels, x=x, y=y, options=opts)
-    prepared = prepare(model, dataset, mopts)
-    load_s = time.perf_counter() - t
-    report = run(prepared, dataset, opts, cfg, exre=exre_config(exre, cfg.seed), progress=progress)
+    # ExRe 'full' retrains the model, which must then be here rather than in a worker.
+    retrain = ecfg is not None and ecfg.method in ("full", "both")
+    with prepare(model, dataset, mopts, opts, in_process=retrain) as prepared:
+        load_s = time.perf_counter() - t
+        report = run(prepared, dataset, opts, cfg, exre=ecfg, progress=progress)
     report.timings = {"load": load_s, **report.timings}
     return report
 

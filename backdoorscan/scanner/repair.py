@@ -363,12 +363,38 @@ def repair(
     dataset = load_dataset(data, labels, x=x, y=y, options=opts)
     if report is not None and report.verdict != "backdoor":
         return _nothing_to_do(report, rcfg.strategy)
-    prepared = prepare(model, dataset, mopts)
+    # Retraining needs the model in this process; a bare ONNX model cannot be retrained, so it
+    # stays in its worker.
+    onnx_file = isinstance(model, (str, Path)) and Path(model).suffix.lower() == ".onnx"
+    with prepare(model, dataset, mopts, opts, in_process=not onnx_file) as prepared:
+        return _repair(
+            prepared, model, dataset, output, report, exre, test, trigger_test, data_output,
+            opts, mopts, cfg, rcfg, t0,
+        )  # fmt: skip
+
+
+def _repair(
+    prepared: Prepared,
+    model: Any,
+    dataset: Dataset,
+    output: Path,
+    report: Report | None,
+    exre: str | ExreConfig | None,
+    test: str | Path | Dataset | None,
+    trigger_test: str | Path | Dataset | None,
+    data_output: str | Path | None,
+    opts: RunOptions,
+    mopts: ModelOptions,
+    cfg: DetectConfig,
+    rcfg: RepairConfig,
+    t0: float,
+) -> Report:
+    """The repair itself, on a prepared model (see :func:`repair`)."""
     adapter = prepared.adapter
-    trainable = adapter.can_fit and isinstance(adapter, Retrainable)
+    trainable = adapter is not None and adapter.can_fit and isinstance(adapter, Retrainable)
     if trainable and output.suffix.lower() in (".onnx", ".npz"):
         raise ValueError(
-            f"-o names the repaired {adapter.framework} model in its own format (e.g. "
+            f"-o names the repaired {prepared.framework} model in its own format (e.g. "
             f"repaired.pt); the ONNX copy is written beside it, got {output.name}"
         )
     if report is None:
@@ -395,10 +421,10 @@ def repair(
     )
     change = f"{result.n_relabelled} samples relabelled, {result.n_removed} removed"
     if not trainable:
-        return _write_cleaned(report, result, dataset, plan, output, adapter, change, rcfg)
+        return _write_cleaned(report, result, dataset, plan, output, prepared, change, rcfg)
     if not isinstance(model, (str, Path, Adapter)):
         adapter = adapter.clone()  # the caller's in-memory model is left as it was
-    assert isinstance(adapter, Retrainable)
+    assert adapter is not None and isinstance(adapter, Retrainable)
     # Clean samples kept out of retraining, to measure on where no test set is given.
     rng = np.random.default_rng(cfg.seed)
     clean = np.flatnonzero(plan.keep & ~report.is_flagged())
@@ -421,7 +447,7 @@ def repair(
         relabelled data the poison no longer carries its target label)."""
         made = candidate.to_onnx(mopts.layer)
         original = dataclasses.replace(dataset, notes=[])
-        return made, run(Prepared(candidate, made), original, opts, cfg)
+        return made, run(Prepared(made, candidate), original, opts, cfg)
 
     final: tuple[OnnxExport, Report] | None = None
     for epoch in range(1, rcfg.epochs + 1):
@@ -530,14 +556,17 @@ def _write_cleaned(
     dataset: Dataset,
     plan: RepairPlan,
     output: Path,
-    adapter: Adapter,
+    prepared: Prepared,
     change: str,
     rcfg: RepairConfig,
 ) -> Report:
     """A model that cannot be trained here: write the cleaned data set for the user."""
     path = output if output.suffix.lower() == ".npz" else output.with_suffix(".npz")
     _write_data(path, dataset, plan)
-    reason = adapter.fit_reason or f"a {adapter.framework} model"
+    adapter = prepared.adapter
+    reason = (adapter.fit_reason if adapter is not None else "") or (
+        f"a bare {prepared.framework} model has no training framework"
+    )
     result.notes.append(
         f"this model cannot be retrained here ({reason}): retrain it on {path.name} "
         "(x, y; 'changed' and 'removed' index the original samples), starting from the "
