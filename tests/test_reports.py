@@ -411,3 +411,23 @@ def test_class_progress_is_one_line_on_a_terminal(monkeypatch: pytest.MonkeyPatc
         update(1, 3)
         update(3, 3)
         assert err.getvalue() == expected
+
+
+@pytest.mark.slow
+def test_html_of_a_cnn_scan_in_either_layout(poisoned_digits: dict, tmp_path: Path) -> None:
+    """NCHW samples as given, and the same samples stored NHWC (the scan transposes them per
+    batch): both mosaics and the trigger are drawn as 8x8 images."""
+    from backdoorscan.scanner.html import _as_images
+    from backdoorscan.scanner.pipeline import scan
+
+    nhwc = tmp_path / "nhwc.npz"
+    np.savez(nhwc, x=np.moveaxis(poisoned_digits["x"], 1, -1), y=poisoned_digits["y"])
+    for data in (poisoned_digits["data"], nhwc):
+        report = scan(poisoned_digits["model"], data=data)
+        assert report.poisoned_classes == [1]
+        page = report.render("html")
+        assert 'alt="mosaic of the suspicious cluster of class 1"' in page
+        assert 'alt="estimated trigger of class 1"' in page
+        trigger = report.classes[1].trigger.values
+        assert trigger.shape == (1, 8, 8) and _as_images(trigger[None]).shape == (1, 8, 8)
+        assert _as_images(np.asarray(report.samples[:2])).shape == (2, 8, 8)
