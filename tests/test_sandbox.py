@@ -126,6 +126,34 @@ def test_memory_bomb_fails_under_the_limit_and_peak_stays_below_it() -> None:
     print(f"memory bomb: peak RSS {w.peak_rss >> 20} MiB, baseline VM {baseline >> 20} MiB")
 
 
+PEAK_DRIVER = """
+import sys, numpy as np
+sys.path.insert(0, {tests!r})
+import hostile_sandbox as hs
+from backdoorscan.sandbox import Limits, ModelWorker
+from backdoorscan.sandbox.limits import proc_status
+big = np.ones(96 << 20)  # 768 MiB touched by the scanner, then freed: its high-water mark
+del big
+with ModelWorker(Limits(max_memory=100 << 20, timeout=60)) as w:
+    w.session(hs.export_of(hs.endless_loop(3)))
+print(proc_status()["VmHWM"], w.peak_rss)
+"""
+
+
+def test_peak_rss_is_the_workers_not_the_scanners() -> None:
+    # Linux starts a child's ru_maxrss at its parent's high-water mark (fork and exec copy
+    # it); the worker's peak must not be the scanner's, which is what made the memory-bomb
+    # test fail after a suite that had used 1 GiB.
+    script = PEAK_DRIVER.format(tests=str(TESTS))
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=120
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    scanner, worker = map(int, out.stdout.split())
+    assert scanner > 700 << 20, scanner >> 20
+    assert 0 < worker < 400 << 20, (worker >> 20, scanner >> 20)
+
+
 def test_python_allocation_past_the_limit_is_a_memory_error() -> None:
     with ModelWorker(Limits(max_memory=100 << 20)) as w, pytest.raises(WorkerMemoryError):
         w._call("hostile_sandbox:allocate", 400 << 20)

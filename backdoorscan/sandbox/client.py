@@ -91,6 +91,7 @@ class ModelWorker:
         self._killed = False
         self._dead: str | None = None
         self._peak = 0
+        self._inherited = 0  # the scanner's high-water RSS when it started the worker
         self._preload: set[str] = set()
         self._lock = threading.RLock()  # one request at a time on the socket
         self._extra_read: set[str] = set()
@@ -137,6 +138,9 @@ class ModelWorker:
             )
         finally:
             child.close()
+        # Linux copies the parent's high-water RSS into a child at fork and exec, so the
+        # worker's ru_maxrss is at least the scanner's peak so far (see _reaped_peak).
+        self._inherited = proc_status().get("VmHWM", 0)
         parent.settimeout(POLL_SECONDS)
         self._sock = parent
         self._killed = False
@@ -146,6 +150,7 @@ class ModelWorker:
     def close(self) -> None:
         """Kill the worker (SIGKILL), reap it and release the socket and log. Idempotent."""
         proc, sock = self._proc, self._sock
+        self._sample()  # while its memory is still there to read: a goodbye may end it first
         if sock is not None and proc is not None and proc.returncode is None and not self._dead:
             with contextlib.suppress(Exception):  # a polite goodbye; the kill follows anyway
                 sock.settimeout(0)
@@ -170,8 +175,11 @@ class ModelWorker:
 
     @property
     def peak_rss(self) -> int:
-        """The worker's largest resident size in bytes, as the kernel counts it (``VmHWM``
-        sampled while waiting; the exact ``ru_maxrss`` once the worker is reaped)."""
+        """The worker's largest resident size in bytes, as the kernel counts it: the
+        high-water mark of its own memory (``VmHWM``), read while waiting for each reply and
+        just before the worker is killed; the reaped worker's ``ru_maxrss`` where that is
+        larger than what the worker inherited (Linux starts a child's ``ru_maxrss`` at its
+        parent's high-water mark, so below that it says nothing about the worker)."""
         return self._peak
 
     # -- requests ----------------------------------------------------------------------------
@@ -460,7 +468,7 @@ class ModelWorker:
                 return
             if pid:
                 proc.returncode = os.waitstatus_to_exitcode(status)
-                self._peak = max(self._peak, usage.ru_maxrss * 1024)
+                self._peak = max(self._peak, self._reaped_peak(usage.ru_maxrss * 1024))
                 return
             if time.monotonic() > end:
                 return  # stuck in the kernel; Popen reaps it later
@@ -469,6 +477,15 @@ class ModelWorker:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(proc.pid, signal.SIGKILL)
             time.sleep(0.005)
+
+
+    def _reaped_peak(self, maxrss: int) -> int:
+        """The worker's own peak from its ``ru_maxrss``, or 0 where that figure may be the
+        scanner's. At exec the kernel sets a process's maxrss to the high-water mark of the
+        memory it replaces (``exec_mmap``), which for a child forked (or vforked, as
+        ``subprocess`` does) from the scanner is the scanner's: a test suite at 1 GiB made a
+        worker bounded at 350 MiB report 1 GiB. Above that mark the figure is the worker's."""
+        return maxrss if maxrss > self._inherited else 0
 
 
 def is_oom_text(text: str) -> bool:
