@@ -246,7 +246,13 @@ def errors() -> Iterator[None]:
     from backdoorscan.scanner.extract import ExtractionError
 
     def one_line(text: str, limit: int = 500) -> str:
-        line = next((ln.strip() for ln in str(text).splitlines() if ln.strip()), "")
+        # The first line, and the next ones while it ends in a colon ("cannot load X:\n why").
+        lines = [ln.strip() for ln in str(text).splitlines() if ln.strip()]
+        line = lines[0] if lines else ""
+        for more in lines[1:]:
+            if not line.endswith(":"):
+                break
+            line = f"{line} {more}"
         return line if len(line) <= limit else line[: limit - 3] + "..."
 
     def unexpected(exc: BaseException) -> str:

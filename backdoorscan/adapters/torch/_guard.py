@@ -2,8 +2,13 @@
 
 ``torch.export.load`` is not safe on its own (see the package docstring): this module reads the
 archive as a zip and refuses pickled weights or constants, compiled code, legacy formats, sample
-inputs that are not plain tensors, and any shape expression, guard or graph target outside an
-allowlist, before torch sees a byte of it.
+inputs that are not plain tensors, and any shape expression, guard, graph target or
+operator-valued argument outside an allowlist, before torch sees a byte of it.
+
+Member names are read as torch reads them: its archive reader (miniz) looks a name up with ASCII
+case folded and takes whichever entry it finds, so an archive whose names collide once folded
+(``model_weights_config.json`` and ``MODEL_weights_config.json``) could be checked in one
+spelling and loaded in the other; such an archive is refused, and every lookup here folds case.
 """
 
 from __future__ import annotations
@@ -45,6 +50,9 @@ _TARGET_PREFIXES = (
 )
 _TARGET_EXACT = frozenset({"torch._check", "torch._check_is_size", "torch._C._set_grad_enabled"})
 _TARGET_DENY = ("from_file", "_save", "save")
+# Python's operator module is allowed for arithmetic on sizes; these reach attributes or call
+# whatever they are given.
+_OPERATOR_DENY = frozenset({"attrgetter", "methodcaller", "call", "setitem", "delitem"})
 
 
 def _refuse_pt2(name: str, why: str) -> AdapterError:
@@ -62,41 +70,43 @@ def validate_pt2(data: bytes, name: str) -> None:
 
     try:
         zf = zipfile.ZipFile(io.BytesIO(data))
-        names = zf.namelist()
+        names = _member_names(zf, name)
     except (zipfile.BadZipFile, OSError) as e:
         raise _refuse_pt2(name, f"not a readable zip archive ({e})") from None
-    if len(set(names)) != len(names):
-        raise _refuse_pt2(name, "the zip lists an entry twice")
     roots = {n.split("/", 1)[0] for n in names}
     if len(roots) != 1 or any("/" not in n for n in names):
         raise _refuse_pt2(name, "entries outside a single top folder")
-    rel = {n.split("/", 1)[1]: n for n in names}
+    # Keyed by the folded name, as torch looks members up; _member_names made the keys unique.
+    rel = {n.split("/", 1)[1].lower(): n for n in names}
 
     def read(r: str) -> bytes:
-        return zf.read(rel[r])
+        return zf.read(rel[r.lower()])
 
-    if k.ARCHIVE_FORMAT_PATH not in rel or read(k.ARCHIVE_FORMAT_PATH).strip() != b"pt2":
+    if k.ARCHIVE_FORMAT_PATH.lower() not in rel or read(k.ARCHIVE_FORMAT_PATH).strip() != b"pt2":
         raise _refuse_pt2(name, "not a pt2 archive")
-    if k.ARCHIVE_VERSION_PATH not in rel:
+    if k.ARCHIVE_VERSION_PATH.lower() not in rel:
         raise _refuse_pt2(name, "an archive of the pre-2.7 format, which torch reads by unpickling")
-    native = (k.AOTINDUCTOR_DIR, k.EXECUTORCH_DIR, k.MTIA_DIR, k.XL_MODEL_WEIGHTS_DIR)
+    native = tuple(
+        d.lower() for d in (k.AOTINDUCTOR_DIR, k.EXECUTORCH_DIR, k.MTIA_DIR, k.XL_MODEL_WEIGHTS_DIR)
+    )
     for r in rel:
         if r.startswith(native):
-            raise _refuse_pt2(name, f"it holds compiled code ({r})")
-    models = [r for r in rel if r.startswith(k.MODELS_DIR) and r.endswith(".json")]
+            raise _refuse_pt2(name, f"it holds compiled code ({rel[r]})")
+    models_dir = k.MODELS_DIR.lower()
+    models = [r for r in rel if r.startswith(models_dir) and r.endswith(".json")]
     if not models:
         raise _refuse_pt2(name, "no exported program inside")
     for m in models:
-        model = m[len(k.MODELS_DIR) : -len(".json")]
+        model = m[len(models_dir) : -len(".json")]
         for legacy in (f"{k.WEIGHTS_DIR}{model}.pt", f"{k.CONSTANTS_DIR}{model}.pt"):
-            if legacy in rel:
+            if legacy.lower() in rel:
                 raise _refuse_pt2(name, f"legacy pickled weights ({legacy})")
         configs = (
             (k.WEIGHTS_CONFIG_FILENAME_FORMAT.format(model), None),
             (k.CONSTANTS_CONFIG_FILENAME_FORMAT.format(model), k.TENSOR_CONSTANT_FILENAME_PREFIX),
         )
         for cfg_name, prefix in configs:
-            if cfg_name not in rel:
+            if cfg_name.lower() not in rel:
                 continue
             try:
                 cfg = json.loads(read(cfg_name)).get("config", {})
@@ -108,7 +118,7 @@ def validate_pt2(data: bytes, name: str) -> None:
                 if prefix and not str(meta.get("path_name", "")).startswith(prefix):
                     raise _refuse_pt2(name, f"constant {fqn} is a Python object, not a tensor")
         sample = k.SAMPLE_INPUTS_FILENAME_FORMAT.format(model)
-        if sample in rel and read(sample):
+        if sample.lower() in rel and read(sample):
             try:
                 with quiet():
                     torch.load(io.BytesIO(read(sample)), weights_only=True, map_location="cpu")
@@ -121,7 +131,28 @@ def validate_pt2(data: bytes, name: str) -> None:
         _check_program_json(program, name)
 
 
+def _member_names(zf: zipfile.ZipFile, name: str) -> list[str]:
+    """The archive's member names, refused unless torch and this module read the same ones.
+
+    torch's reader compares the raw name bytes with ASCII case folded, and Python's zipfile cuts
+    a name at its first NUL: names must be printable ASCII, unique once folded.
+    """
+    seen: dict[str, str] = {}
+    for info in zf.infolist():
+        raw = info.orig_filename
+        if not raw.isascii() or not raw.isprintable():
+            raise _refuse_pt2(name, f"an entry name that is not printable ASCII ({raw[:80]!r})")
+        folded = raw.lower()
+        if folded in seen:
+            same = "twice" if seen[folded] == raw else f"twice, as {seen[folded]!r} and {raw!r}"
+            raise _refuse_pt2(name, f"the zip lists an entry {same}, which torch reads as one")
+        seen[folded] = raw
+    return list(seen.values())
+
+
 def _check_program_json(program: Any, name: str) -> None:
+    """Walk the whole program (nested subgraphs included): every node target and every
+    operator-valued argument must be allowed, every shape expression and guard plain."""
     if isinstance(program, dict):
         for guard in program.get("guards_code") or []:
             _check_expr(guard, name, guard=True)
@@ -133,18 +164,28 @@ def _check_program_json(program: Any, name: str) -> None:
             if isinstance(expr, str):
                 _check_expr(expr, name)
             target = obj.get("target")
-            if isinstance(target, str) and "inputs" in obj:
+            if "target" in obj and ("inputs" in obj or not isinstance(target, str)):
                 _check_target(target, name)
+            # An operator passed as an argument (to a higher-order op such as with_effects or
+            # auto_functionalized, or to a Python callable) is resolved like a target and called.
+            if "as_operator" in obj:
+                _check_target(obj["as_operator"], name, argument=True)
             stack.extend(obj.values())
         elif isinstance(obj, list):
             stack.extend(obj)
 
 
-def _check_target(target: str, name: str) -> None:
+def _check_target(target: object, name: str, *, argument: bool = False) -> None:
+    """Refuse a graph target (or operator-valued argument) outside the allowlist."""
+    what = "passes the operator" if argument else "calls"
+    if not isinstance(target, str):
+        raise _refuse_pt2(name, f"its graph {what} {target!r}, which is not an operator name")
     ok = target in _TARGET_EXACT or target.startswith(_TARGET_PREFIXES)
-    op = target.split(".")[3] if target.startswith("torch.ops.") and target.count(".") >= 3 else ""
-    if not ok or op in _TARGET_DENY:
-        raise _refuse_pt2(name, f"its graph calls {target!r}, outside the operators allowed")
+    parts = target.split(".")
+    op = parts[3] if target.startswith("torch.ops.") and len(parts) > 3 else ""
+    py_op = parts[1] if target.startswith("_operator.") and len(parts) > 1 else ""
+    if not ok or op in _TARGET_DENY or py_op in _OPERATOR_DENY:
+        raise _refuse_pt2(name, f"its graph {what} {target!r}, outside the operators allowed")
 
 
 def _check_expr(text: str, name: str, *, guard: bool = False) -> None:
