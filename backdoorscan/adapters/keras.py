@@ -23,6 +23,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import sys
 import tempfile
 import zipfile
@@ -95,10 +96,23 @@ def load(path: str | Path, **_ignored: Any) -> KerasAdapter:
                 "bytecode that would run on load). Rebuild that layer as a registered custom "
                 "layer class, or export the model to ONNX yourself"
             ) from None
-        raise AdapterError(f"cannot load {p.name} as a Keras model: {msg}") from e
+        raise AdapterError(f"cannot load {p.name} as a Keras model: {_one_line(msg)}") from e
     if not isinstance(model, keras.Model):
         raise AdapterError(f"{p.name} holds a {type(model).__name__}, not a keras.Model")
     return KerasAdapter(model, source=p, sha256=sha256_file(p))
+
+
+def _one_line(text: str, limit: int = 300) -> str:
+    """Keras' error text in one line: its errors run to several paragraphs (the config of
+    every layer, then "Exception encountered:" and the cause, nested), so the innermost cause
+    is kept, without the config dump; else the first line."""
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    causes = [
+        ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("Exception encountered:")
+    ]
+    line = next((c for c in reversed(causes) if c), lines[0] if lines else "unknown error")
+    line = re.sub(r"\s*(using )?config=\{.*$", "", line) or line
+    return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
 def _require_keras_h5(p: Path) -> None:
@@ -223,8 +237,9 @@ class KerasAdapter:
             fresh = keras.models.clone_model(self.model)
         except Exception as e:  # subclassed models without a config
             raise AdapterError(
-                f"cannot re-initialise the Keras model ({type(e).__name__}: {e}); retraining "
-                "from scratch needs a Functional or Sequential model"
+                f"cannot re-initialise the Keras model ({type(e).__name__}: "
+                f"{_one_line(str(e))}); retraining from scratch needs a Functional or "
+                "Sequential model"
             ) from None
         if not fresh.built:
             fresh.build(self.model.inputs[0].shape if self.model.inputs else None)
@@ -377,8 +392,8 @@ class KerasAdapter:
             except Exception as e:
                 raise AdapterError(
                     f"Keras could not export the model to ONNX on the "
-                    f"{keras.backend.backend()} backend: {e} (see backdoorscan.adapters.keras "
-                    "for what each backend needs)"
+                    f"{keras.backend.backend()} backend: {_one_line(str(e))} (see "
+                    "backdoorscan.adapters.keras for what each backend needs)"
                 ) from e
             graph = onnx.load(str(path))
         graph_inputs = _check.data_inputs(graph)
