@@ -413,3 +413,108 @@ def pickle_as_npz(path: Path, marker: Path) -> Path:
     with open(path, "wb") as fh:
         pickle.dump(Payload(marker), fh)
     return path
+
+
+# -- torch.export archives --------------------------------------------------------------------
+
+
+def clean_pt2(path: Path) -> Path:
+    """A plain torch.export archive of a D_IN -> HIDDEN -> CLASSES MLP (dynamic batch)."""
+    import torch
+
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(
+        torch.nn.Linear(D_IN, HIDDEN), torch.nn.ReLU(), torch.nn.Linear(HIDDEN, CLASSES)
+    ).eval()
+    program = torch.export.export(
+        module, (torch.rand(4, D_IN),), dynamic_shapes=({0: torch.export.Dim("batch")},)
+    )
+    torch.export.save(program, str(path))
+    return path
+
+
+def _rewrite_zip(
+    src: Path, dst: Path, edit: dict[str, bytes], extra: list[tuple[str, bytes]]
+) -> Path:
+    """Copy ``src`` to ``dst`` with the members named in ``edit`` replaced (relative to the top
+    folder) and ``extra`` members appended, in that order."""
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
+        root = zin.namelist()[0].split("/", 1)[0]
+        for info in zin.infolist():
+            rel = info.filename.split("/", 1)[1]
+            zout.writestr(info.filename, edit.get(rel, zin.read(info.filename)))
+        for rel, payload in extra:
+            zout.writestr(f"{root}/{rel}", payload)
+    return dst
+
+
+def pt2_case_twin(path: Path, marker: Path) -> Path:
+    """A torch.export archive with a second weights config whose name differs only in letter
+    case and that asks for pickled weights (the payload). A validator reading names exactly
+    checks the plain config; torch's reader (case-insensitive) loads the twin and unpickles.
+
+    Which of two equal names torch's reader finds depends on the zip's order (a binary search
+    over the folded names), so the twin is placed, and spelt, the way this torch reads it."""
+    import json
+
+    import torch
+
+    folder = path.parent / f".clean-{path.stem}"
+    folder.mkdir(exist_ok=True)
+    clean = clean_pt2(folder / path.name)
+    with zipfile.ZipFile(clean) as zf:
+        root = zf.namelist()[0].split("/", 1)[0]
+        config = json.loads(zf.read(f"{root}/data/weights/model_weights_config.json"))
+    fqn = next(iter(config["config"]))
+    config["config"][fqn] |= {"use_pickle": True, "path_name": "payload"}
+    evil = json.dumps(config).encode()
+    payload = ("data/weights/payload", pickle.dumps(Payload(marker), protocol=2))
+    for spelling in ("model_weights_config.jsoN", "MODEL_weights_config.json"):
+        twin = (f"data/weights/{spelling}", evil)
+        for extra in ([payload, twin], [twin, payload]):
+            _rewrite_zip(clean, path, {}, extra)
+            reader = torch._C.PyTorchFileReader(str(path))
+            if reader.get_record("data/weights/model_weights_config.json") == evil:
+                clean.unlink()
+                folder.rmdir()
+                return path
+    raise AssertionError("no placement of the twin that this torch reads")
+
+
+def pt2_operator_argument(
+    path: Path, marker: Path, op: str = "torch.ops.aten.from_file.default"
+) -> Path:
+    """A torch.export archive whose graph calls the higher-order op ``with_effects`` with the
+    operator ``op`` as an argument: run, it calls ``aten.from_file(marker, shared=True)``,
+    which creates the marker. Every node target is allowed; only the argument is not."""
+    import json
+
+    clean = clean_pt2(path.with_name(f".clean-{path.name}"))
+    with zipfile.ZipFile(clean) as zf:
+        root = zf.namelist()[0].split("/", 1)[0]
+        program = json.loads(zf.read(f"{root}/models/model.json"))
+    graph = program["graph_module"]["graph"]
+    x = graph["inputs"][-1]["as_tensor"]["name"]  # the user input: parameters come first
+    args = [
+        ("token", {"as_tensor": {"name": x}}),
+        ("op", {"as_operator": op}),
+        ("filename", {"as_string": str(marker)}),
+        ("shared", {"as_bool": True}),
+        ("size", {"as_int": 64}),
+    ]
+    graph["nodes"].insert(
+        0,
+        {
+            "target": "torch.ops.higher_order.with_effects",
+            "inputs": [{"name": n, "arg": a, "kind": 1} for n, a in args],
+            "outputs": [{"as_tensor": {"name": "fx_token"}}, {"as_tensor": {"name": "fx_file"}}],
+            "metadata": {},
+            "is_hop_single_tensor_return": None,
+            "name": "with_effects_0",
+        },
+    )
+    graph["tensor_values"]["fx_token"] = graph["tensor_values"][x]
+    graph["tensor_values"]["fx_file"] = graph["tensor_values"][x]
+    _rewrite_zip(clean, path, {"models/model.json": json.dumps(program).encode()}, [])
+    clean.unlink()
+    return path
