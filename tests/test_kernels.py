@@ -282,3 +282,46 @@ def test_detect_holds_blas_to_one_thread_around_the_class_work(monkeypatch):
     rng = np.random.default_rng(0)
     detect(rng.normal(size=(200, 16)), np.arange(200) % 2, rule=("size", "separation"))
     assert seen and set(seen) == {1}
+
+
+# ------------------------------------------------------------- PCA: top-k solvers in float32
+
+
+def _clear_spectrum(n: int, d: int, seed: int = 0) -> np.ndarray:
+    """float32 data with 10 well separated variances over a noise floor, off-centre."""
+    rng = np.random.default_rng(seed)
+    basis, _ = np.linalg.qr(rng.normal(size=(d, 10)))
+    scales = np.geomspace(20.0, 3.0, 10)
+    X = (rng.normal(size=(n, 10)) * scales) @ basis.T + rng.normal(scale=0.3, size=(n, d))
+    return (X + rng.normal(size=d) * 5.0).astype(np.float32)
+
+
+@pytest.mark.parametrize("d", [100, 600, 1500])  # full eigh, subspace iteration, randomized
+def test_pca_float32_top_k_matches_sklearn(d):
+    X = _clear_spectrum(3000, d)
+    Z, components, ev = pca(X, 10)
+    ref = PCA(n_components=10, svd_solver="full").fit(X.astype(np.float64))
+    corr = np.abs(np.sum(components * ref.components_, axis=1))
+    assert corr.min() > 0.999
+    np.testing.assert_allclose(ev, ref.explained_variance_, rtol=1e-3)
+    Zs = ref.transform(X.astype(np.float64))
+    np.testing.assert_allclose(_align_signs(Z, Zs), Zs, atol=1e-3 * np.abs(Zs).max())
+
+
+def test_pca_never_copies_the_data_whole():
+    """Peak of numpy allocations (tracemalloc sees them) during pca of a float32 class: blocks,
+    d x d and n x k arrays. Doubling n must not add a copy of the data (a full copy of X, or a
+    float64 or centred one, would add at least X.nbytes)."""
+    import tracemalloc
+
+    for d in (600, 1500):
+        peaks = []
+        for n in (10000, 20000):
+            X = _clear_spectrum(n, d)
+            tracemalloc.start()
+            pca(X, 10)
+            peaks.append(tracemalloc.get_traced_memory()[1])
+            tracemalloc.stop()
+        half = 10000 * d * 4
+        assert peaks[1] - peaks[0] < 0.25 * half, (d, peaks, half)
+        assert peaks[1] < 2 * half, (d, peaks, half)

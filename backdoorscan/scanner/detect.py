@@ -35,6 +35,7 @@ from threadpoolctl import threadpool_limits
 
 from backdoorscan._version import __version__
 from backdoorscan.kernels import fastica, kmeans, pca, silhouette_score
+from backdoorscan.kernels.pca import column_stats, project
 from backdoorscan.scanner.config import ANALYSES, DetectConfig
 from backdoorscan.scanner.report import ClassResult, Report, class_projection
 
@@ -94,21 +95,33 @@ def reduce_features(
 ) -> np.ndarray:
     """Centre, drop dead units and project one class's activations to ``n_components`` dims.
 
+    The class is used as given (float32 stays float32, no centred or float64 copy): dead units
+    only leave FastICA's fitting rows (at most ``fit_samples``, the one copy), PCA ignores
+    them by itself (zero variance), and every projection centres through the mean.
     A FastICA run that stops at ``ica_max_iter`` without converging appends ``method`` to
     ``capped`` (the report says so, as scikit-learn warns)."""
-    f = np.asarray(f, dtype=np.float64)
-    live = f.std(axis=0) > 1e-12
-    f = f[:, live] if live.any() else f[:, :1]
-    k = min(cfg.n_components, f.shape[1], f.shape[0] - 1)
-    if method == "none" or f.shape[1] <= k:
-        return f - f.mean(axis=0)
+    f = np.asarray(f)
+    if f.dtype not in (np.float32, np.float64):
+        f = f.astype(np.float64)
+    mean, live = column_stats(f)  # a dead unit: max - min <= 1e-12
+    if not live.any():
+        live[0] = True
+    n_live = int(live.sum())
+    k = min(cfg.n_components, n_live, f.shape[0] - 1)
+    if method == "none" or n_live <= k:
+        return f[:, live].astype(np.float64) - mean[live]
     if method == "ica":
         rows = _fit_rows(len(f), cfg, seed)
-        _, unmixing, n_iter = fastica(f[rows], k, max_iter=cfg.ica_max_iter, random_state=seed)
+        fit = f[rows][:, live]
+        _, unmixing, n_iter = fastica(fit, k, max_iter=cfg.ica_max_iter, random_state=seed)
         if capped is not None and n_iter >= cfg.ica_max_iter:
             capped.append(method)
-        return (f - f[rows].mean(axis=0)) @ unmixing.T
-    z, _, _ = pca(f, k)
+        full = np.zeros((unmixing.shape[0], f.shape[1]))
+        full[:, live] = unmixing
+        fit_mean = np.zeros(f.shape[1])
+        fit_mean[live] = fit.mean(axis=0, dtype=np.float64)
+        return project(f, fit_mean, full.T)
+    z, _, _ = pca(f, k, mean=mean)
     return z
 
 
