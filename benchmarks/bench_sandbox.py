@@ -2,13 +2,13 @@
 
 One MNIST-sized pass (60,000 x 1x28x28 float32 by default, batches of 256) through a small CNN
 built with onnx.helper (two 3x3 convolutions with pooling, a 64-unit hidden layer, 10 logits),
-once through an ``onnxruntime.InferenceSession`` made by the scanner's own ``make_session`` in
-this process, once through ``ModelWorker.session`` (every batch crosses the socket to the
-worker and its outputs come back), interleaved, ``--repeats`` times each; the same thread count
-for both. It checks that both give identical outputs and prints, for each path, the median and
-fastest wall time and the median CPU time (this process, plus the worker's from /proc for the
-proxy: less disturbed than wall time on a shared machine), their ratios, and the one-off cost
-of starting and confining the worker.
+once through an ``onnxruntime.InferenceSession`` made by the scanner's own
+``runtime.make_session`` in this process, once through ``ModelWorker.session`` (every batch
+crosses the socket to the worker and its outputs come back), interleaved, ``--repeats`` times
+each; the same thread count for both. It checks that both give identical outputs and prints,
+for each path, the median and fastest wall time and the median CPU time (this process, plus the
+worker's from /proc for the proxy: less disturbed than wall time on a shared machine), their
+ratios, and the one-off cost of starting and confining the worker.
 
     python benchmarks/bench_sandbox.py [--n 60000] [--batch-size 256] [--repeats 3] [--threads 2]
 """
@@ -106,8 +106,8 @@ def main() -> None:
     import onnxruntime as ort
 
     from backdoorscan.adapters.base import OnnxExport
+    from backdoorscan.runtime import make_session
     from backdoorscan.sandbox import Limits, ModelWorker
-    from backdoorscan.scanner.extract import make_session
 
     export = OnnxExport(small_cnn(), "x", (1, 28, 28), "float32", "features", 64, 10)
     x = np.random.default_rng(1).random((args.n, 1, 28, 28), dtype=np.float32)

@@ -100,6 +100,32 @@ def test_export_session_run_match_direct_onnxruntime(tmp_path: Path) -> None:
     assert status.memory.startswith("RLIMIT_AS=")
 
 
+def test_sessions_of_the_worker_park_their_threads() -> None:
+    # runtime.make_session(spin=False) is what the worker calls: no busy-waiting between the
+    # scanner's batches. In-process sessions keep ONNX Runtime's default.
+    from backdoorscan.runtime import make_session
+
+    export = hs.export_of(hs.endless_loop(3))
+    quiet = make_session(export, "cpu", spin=False).get_session_options()  # type: ignore[attr-defined]
+    assert quiet.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    default = make_session(export, "cpu").get_session_options()  # type: ignore[attr-defined]
+    with pytest.raises(Exception, match="does not have configuration"):
+        default.get_session_config_entry("session.intra_op.allow_spinning")
+
+
+def test_sandbox_imports_runtime_not_the_scanner() -> None:
+    # The worker builds sessions with backdoorscan.runtime; it never imports the scanner.
+    code = (
+        "import sys; from backdoorscan.sandbox import client, worker; "
+        "from backdoorscan import runtime; "
+        "print(sorted(m for m in sys.modules if m.startswith('backdoorscan.scanner')))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True
+    )
+    assert out.stdout.strip() == "[]", out.stdout
+
+
 def test_model_outside_allowed_folders_is_refused_before_the_worker(tmp_path: Path) -> None:
     (tmp_path / "m.onnx").write_bytes(hs.endless_loop())
     with (

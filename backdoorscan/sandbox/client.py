@@ -226,7 +226,7 @@ class ModelWorker:
     def session(
         self, export: Any, device: str = "auto", threads: int | None = None
     ) -> SessionProxy:
-        """``scanner.extract.make_session(export, device, threads=threads)``, in the worker;
+        """``runtime.make_session(export, device, threads=threads, spin=False)``, in the worker;
         returns a proxy with ``run`` and ``get_providers`` like an ``InferenceSession``."""
         from backdoorscan.sandbox.worker import export_fields
 
@@ -477,7 +477,6 @@ class ModelWorker:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(proc.pid, signal.SIGKILL)
             time.sleep(0.005)
-
 
     def _reaped_peak(self, maxrss: int) -> int:
         """The worker's own peak from its ``ru_maxrss``, or 0 where that figure may be the

@@ -30,7 +30,6 @@ import resource
 import signal
 import socket
 import sys
-from collections.abc import Iterator
 from typing import Any
 
 from backdoorscan.sandbox import protocol
@@ -58,7 +57,7 @@ BASE_MODULES = (
     "onnx",
     "onnxruntime",
     "backdoorscan.adapters",
-    "backdoorscan.scanner.extract",
+    "backdoorscan.runtime",
 )
 
 
@@ -191,15 +190,17 @@ class Worker:
         import onnxruntime as ort
 
         from backdoorscan.adapters.base import OnnxExport
-        from backdoorscan.scanner.extract import make_session
+        from backdoorscan.runtime import make_session
 
         fields = dict(msg["export"])
         fields["input_shape"] = tuple(fields["input_shape"])
         export = OnnxExport(model_bytes=bytes(bufs[0]), **fields)
-        with _no_spinning(ort):
-            session: Any = make_session(
-                export, msg.get("device", "auto"), threads=msg.get("threads")
-            )
+        # Idle threads park instead of spinning: the next batch comes after a round trip to
+        # the scanner, and spinning through it burns the cores the scanner needs for it
+        # (measured on 2 cores: +27-38 % CPU for an MNIST pass; benchmarks/RESULTS.md).
+        session: Any = make_session(
+            export, msg.get("device", "auto"), threads=msg.get("threads"), spin=False
+        )
         options = ort.RunOptions()
         options.log_severity_level = 4
         sid = self.next_sid
@@ -238,32 +239,6 @@ class Worker:
 
 class SetupError(RuntimeError):
     """The worker cannot confine itself as asked; the scanner is told why, then it exits."""
-
-
-@contextlib.contextmanager
-def _no_spinning(ort: Any) -> Iterator[None]:
-    """Make the sessions created inside the block park their idle threads instead of spinning.
-
-    ONNX Runtime's intra-op threads busy-wait after a run, expecting the next one at once. In
-    the worker the next batch arrives only after a round trip to the scanner, so they spin
-    through every round trip, on cores the scanner needs for it: measured on 2 cores, +27-38 %
-    CPU for an MNIST pass with spinning, less CPU than the in-process session without
-    (benchmarks/RESULTS.md, Isolation). ``make_session`` builds its own options, so the
-    worker, which owns its process, hands it a SessionOptions class with spinning off.
-    """
-    original = ort.SessionOptions
-
-    class QuietOptions(original):  # type: ignore[misc, valid-type]
-        def __init__(self) -> None:
-            super().__init__()
-            self.add_session_config_entry("session.intra_op.allow_spinning", "0")
-            self.add_session_config_entry("session.inter_op.allow_spinning", "0")
-
-    ort.SessionOptions = QuietOptions
-    try:
-        yield
-    finally:
-        ort.SessionOptions = original
 
 
 def export_fields(export: Any) -> dict[str, Any]:

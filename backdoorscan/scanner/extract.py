@@ -14,7 +14,15 @@ from dataclasses import dataclass
 import numpy as np
 
 from backdoorscan.adapters.base import OnnxExport
-from backdoorscan.onnx_graph import conv1d_as_conv2d
+from backdoorscan.runtime import (  # noqa: F401 - re-exported: they live in runtime.py now
+    DEVICES,
+    ExtractionError,
+    _quiet_run,
+    _quiet_stderr,
+    make_session,
+    predict_classes,
+    session_provider,
+)
 from backdoorscan.scanner.data import Dataset
 from backdoorscan.scanner.sketch import InputSketch
 
@@ -23,12 +31,7 @@ from backdoorscan.scanner.sketch import InputSketch
 # onnxruntime is imported; a scanner of untrusted models should leave no such trace.
 os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 
-DEVICES = ("auto", "cpu", "cuda")
 ProgressFn = Callable[[int], None]
-
-
-class ExtractionError(RuntimeError):
-    """The model could not be run on the data; the message says why."""
 
 
 @dataclass
@@ -41,93 +44,6 @@ class Activations:
     layer: str
     num_classes: int
     sketch: np.ndarray | None = None
-
-
-def make_session(export: OnnxExport, device: str = "auto", *, threads: int | None = None) -> object:
-    """An InferenceSession for ``export`` on ``device``; raises if CUDA is asked and absent."""
-    if device not in DEVICES:
-        raise ExtractionError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)}")
-    import onnxruntime as ort
-
-    # The GPU build logs library-load errors on machines without CUDA; only errors that
-    # stop the session matter here, and those raise.
-    ort.set_default_logger_severity(3)
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    if threads:
-        options.intra_op_num_threads = threads
-    available = ort.get_available_providers()
-    providers = ["CPUExecutionProvider"]
-    if device in ("auto", "cuda") and "CUDAExecutionProvider" in available:
-        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    if device == "cuda" and "CUDAExecutionProvider" not in available:
-        raise ExtractionError(
-            "--device cuda asked for, but this onnxruntime build has no CUDA provider "
-            "(install onnxruntime-gpu)"
-        )
-    try:
-        model_bytes = conv1d_as_conv2d(export.model_bytes)
-    except Exception:  # a graph the rewrite cannot read: ONNX Runtime says why, below
-        model_bytes = export.model_bytes
-    try:
-        with _quiet_stderr():
-            session = ort.InferenceSession(model_bytes, options, providers=providers)
-    except Exception as exc:
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ExtractionError(f"ONNX Runtime cannot load the model: {msg}") from None
-    used = session.get_providers()
-    if device == "cuda" and "CUDAExecutionProvider" not in used:
-        raise ExtractionError(
-            "--device cuda asked for, but the CUDA provider did not load (no GPU, or the "
-            "CUDA/cuDNN libraries are missing); use --device auto to fall back to the CPU"
-        )
-    return session
-
-
-class _quiet_stderr:  # noqa: N801 - used as a context manager, reads like a function
-    """Silence C-level stderr while CUDA libraries fail to load on GPU-less machines."""
-
-    def __enter__(self) -> None:
-        self._saved = None
-        try:
-            self._saved = os.dup(2)
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, 2)
-            os.close(devnull)
-        except OSError:
-            self._saved = None
-
-    def __exit__(self, *exc: object) -> None:
-        if self._saved is not None:
-            os.dup2(self._saved, 2)
-            os.close(self._saved)
-
-
-def predict_classes(
-    session: object, export: OnnxExport, x: np.ndarray, batch_size: int = 256
-) -> np.ndarray:
-    """The model's predicted class for each of the converted samples ``x``, in batches."""
-    out = [np.zeros(0, dtype=np.int64)]
-    for s in range(0, len(x), batch_size):
-        xb = x[s : s + batch_size]
-        (logits,) = session.run([export.logits_name], {export.input_name: xb})  # type: ignore[attr-defined]
-        out.append(_per_sample(logits, len(xb), "logits").argmax(axis=1))
-    return np.concatenate(out)
-
-
-def session_provider(session: object) -> str:
-    """The provider that runs the graph: the first one the session really holds."""
-    return session.get_providers()[0]  # type: ignore[attr-defined]
-
-
-def _quiet_run() -> object:
-    """Run options that keep ONNX Runtime from logging a failing kernel: the error is raised
-    and reported in one line instead."""
-    import onnxruntime as ort
-
-    options = ort.RunOptions()
-    options.log_severity_level = 4
-    return options
 
 
 def _per_sample(out: object, n: int, what: str, start: int = 0) -> np.ndarray:
