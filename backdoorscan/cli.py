@@ -21,6 +21,7 @@ from backdoorscan.cli_options import (
     build_detect_config,
     build_model_options,
     build_run_options,
+    class_progress,
     data_options,
     detect_options,
     emit,
@@ -122,7 +123,7 @@ def scan(
             model_options=mopts,
             config=cfg,
             exre=exre,
-            progress=Progress(start, step),
+            progress=Progress(start, step, class_progress(not quiet)),
         )
     emit(report, fmt, output, quiet)
     sys.exit(report.exit_code)
@@ -307,7 +308,10 @@ def demo(fmt: str, output: Path | None, quiet: bool) -> None:
     refuse_overwrite(output, DEMO_DIR / "demo.onnx", data)
     with errors(), progress_bar(not quiet) as (start, step):
         report = run_scan(
-            DEMO_DIR / "demo.onnx", data=data, config=DetectConfig(), progress=Progress(start, step)
+            DEMO_DIR / "demo.onnx",
+            data=data,
+            config=DetectConfig(),
+            progress=Progress(start, step, class_progress(not quiet)),
         )
         with np.load(data, allow_pickle=False) as arrays:
             truth = arrays["poison"]

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -264,6 +265,7 @@ def detect(
     config: DetectConfig | None = None,
     *,
     transfer: TransferTest | None = None,
+    progress: Callable[[int, int], None] | None = None,
     **overrides: Any,
 ) -> Report:
     """Cluster each class's activations and say which samples look like poison.
@@ -309,12 +311,20 @@ def detect(
     # pool of BLAS threads each and they spin against one another (4-12x slower at 10k samples
     # on 2 cores, benchmarks/RESULTS.md). Nested inside scan()'s own limit, this is a no-op.
     workers = min(_n_jobs(cfg.n_jobs), len(classes))
+    outs: list[tuple[ClassResult, np.ndarray | None]] = []
+
+    def collect(found: Any) -> None:
+        for out in found:  # in class order, as each class is done (``progress(done, total)``)
+            outs.append(out)
+            if progress is not None:
+                progress(len(outs), len(classes))
+
     with threadpool_limits(limits=1, user_api="blas"):
         if workers > 1:
             with ThreadPoolExecutor(workers) as pool:
-                outs = list(pool.map(one, classes, jobs))
+                collect(pool.map(one, classes, jobs))
         else:
-            outs = [one(c, idx) for c, idx in zip(classes, jobs, strict=True)]
+            collect(one(c, idx) for c, idx in zip(classes, jobs, strict=True))
     results: list[ClassResult] = []
     for idx, (result, class_scores) in zip(jobs, outs, strict=True):
         results.append(result)

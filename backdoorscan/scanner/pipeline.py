@@ -24,7 +24,15 @@ from backdoorscan._io import sha256_file
 from backdoorscan.adapters.base import Adapter, LayerInfo, OnnxExport
 from backdoorscan.scanner.budget import ActivationSizes, check_memory, machine_memory
 from backdoorscan.scanner.config import DetectConfig, ModelOptions, RunOptions, split_settings
-from backdoorscan.scanner.data import DataError, Dataset, conform, from_arrays, load_data
+from backdoorscan.scanner.data import (
+    DataError,
+    Dataset,
+    check_input_file,
+    conform,
+    from_arrays,
+    load_data,
+    verify_unchanged,
+)
 from backdoorscan.scanner.detect import detect
 from backdoorscan.scanner.exre import ExreConfig, run_exre
 from backdoorscan.scanner.extract import Activations, extract, make_session
@@ -37,10 +45,11 @@ __all__ = ["Prepared", "Progress", "list_layers", "load_dataset", "prepare", "ru
 @dataclass
 class Progress:
     """Callbacks for long work: ``start(total)`` before the pass over the data, ``step(n)``
-    after each batch."""
+    after each batch, ``classes(done, total)`` as the per-class analysis goes."""
 
     start: Callable[[int], None] | None = None
     step: Callable[[int], None] | None = None
+    classes: Callable[[int, int], None] | None = None  # (classes done, classes in all)
 
 
 @dataclass
@@ -248,7 +257,13 @@ def run(
         probe = None
         if acts.sketch is not None and "transfer" in cfg.rule:
             probe = TransferProbe(session, export, dataset, acts.sketch, cfg, acts.predictions)
-        report = detect(acts.features, dataset.y, cfg, transfer=probe)
+        report = detect(
+            acts.features,
+            dataset.y,
+            cfg,
+            transfer=probe,
+            progress=progress.classes if progress is not None else None,
+        )
     timings.update(report.timings)
     report.timings = timings
     report.provider = acts.provider
@@ -272,6 +287,9 @@ def run(
             f"--min-agreement {cfg.min_agreement:g}): is this the data it was trained on? "
             "Clusters of a model that did not learn its data say nothing about poison"
         )
+    # The data scanned must be the data hashed: a file replaced or edited during the scan is an
+    # error, not a report about other bytes.
+    verify_unchanged(dataset)
     if exre is not None:
         run_exre(
             report,
@@ -316,9 +334,12 @@ def scan(
     dataset = load_dataset(data, labels, x=x, y=y, options=opts)
     # ExRe 'full' retrains the model, which must then be here rather than in a worker.
     retrain = ecfg is not None and ecfg.method in ("full", "both")
-    with prepare(model, dataset, mopts, opts, in_process=retrain) as prepared:
-        load_s = time.perf_counter() - t
-        report = run(prepared, dataset, opts, cfg, exre=ecfg, progress=progress)
+    try:
+        with prepare(model, dataset, mopts, opts, in_process=retrain) as prepared:
+            load_s = time.perf_counter() - t
+            report = run(prepared, dataset, opts, cfg, exre=ecfg, progress=progress)
+    finally:
+        dataset.close()
     report.timings = {"load": load_s, **report.timings}
     return report
 
@@ -331,12 +352,9 @@ def exre_config(exre: str | ExreConfig | None, seed: int) -> ExreConfig | None:
 
 
 def _hashes(*, data: str | Path, labels: str | Path | None) -> dict[str, str]:
-    """Path and sha256 of the data (and labels) file, for the report. Only regular files are
-    hashed (a FIFO or a device would never end); the loader refuses the rest with its own
-    message."""
-    out = {"path": str(data)}
-    if Path(data).is_file():
-        out["sha256"] = sha256_file(data)
-    if labels is not None and Path(labels).is_file():
-        out["labels_sha256"] = sha256_file(labels)
+    """Path and sha256 of the data (and labels) file, for the report; anything but a regular
+    file (a FIFO or a device would never end) is refused first, in one line."""
+    out = {"path": str(data), "sha256": sha256_file(check_input_file(data, "data"))}
+    if labels is not None:
+        out["labels_sha256"] = sha256_file(check_input_file(labels, "labels"))
     return out

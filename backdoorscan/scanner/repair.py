@@ -43,8 +43,9 @@ import numpy as np
 
 from backdoorscan._io import atomic_write_bytes
 from backdoorscan.adapters.base import Adapter, OnnxExport, Retrainable
+from backdoorscan.scanner.attack import yardstick
 from backdoorscan.scanner.config import DetectConfig, ModelOptions, RunOptions, split_settings
-from backdoorscan.scanner.data import Dataset, conform, load_data
+from backdoorscan.scanner.data import Dataset, conform
 from backdoorscan.scanner.exre import ExreConfig
 from backdoorscan.scanner.pipeline import Prepared, exre_config, load_dataset, prepare, run
 from backdoorscan.scanner.report import (
@@ -182,113 +183,6 @@ def _counts(values: np.ndarray) -> dict[int, int]:
     return {int(k): int(n) for k, n in zip(keys, counts, strict=True)}
 
 
-@dataclass
-class _Yardstick:
-    """What repair measures on: clean samples with their labels, triggered samples with their
-    TRUE labels (converted for the model), and what each set is, for the report."""
-
-    clean_x: np.ndarray | None
-    clean_y: np.ndarray | None
-    clean_on: str
-    trig_x: np.ndarray | None
-    trig_y: np.ndarray | None
-    trig_class: np.ndarray | None  # the poisoned class each triggered sample is stamped for
-    asr_on: str
-    flagged: list[int]
-
-    def measure(self, adapter: Adapter, batch_size: int) -> dict[str, Any]:
-        """Clean accuracy, attack success rate (a trigger test: the share of its samples not
-        predicted as their true label; stamped held-out samples: the share sent to the class
-        stamped for) and, per poisoned class, the share of triggered samples sent to it."""
-        out: dict[str, Any] = {}
-        if self.clean_x is not None and self.clean_y is not None:
-            pred = _predict(adapter, self.clean_x, batch_size)
-            out["clean_accuracy"] = float((pred == self.clean_y).mean())
-        if self.trig_x is not None and self.trig_y is not None:
-            pred = _predict(adapter, self.trig_x, batch_size)
-            if self.trig_class is None:  # a trigger test: triggered samples, true labels
-                out["asr"] = float((pred != self.trig_y).mean())
-            else:  # stamped held-out samples: the share sent to the class stamped for
-                out["asr"] = float((pred == self.trig_class).mean())
-            per_class = {}
-            for c in self.flagged:
-                rows = self.trig_y != c
-                if self.trig_class is not None:
-                    rows &= self.trig_class == c
-                per_class[int(c)] = float((pred[rows] == c).mean()) if rows.any() else 0.0
-            out["asr_per_class"] = per_class
-        return out
-
-
-def _predict(adapter: Adapter, x: np.ndarray, batch_size: int) -> np.ndarray:
-    logits = np.asarray(adapter.predict_logits(x, batch_size=batch_size))
-    return logits.reshape(len(x), -1).argmax(axis=1)
-
-
-def _converted(
-    source: str | Path | Dataset, export: OnnxExport, opts: RunOptions
-) -> tuple[np.ndarray, np.ndarray]:
-    """A test set's samples as the model takes them, and its labels."""
-    ds = source if isinstance(source, Dataset) else load_data(source)
-    conform(ds, export.input_shape, export.input_dtype, export.num_classes, **opts.normalisation)
-    return ds.take(np.arange(len(ds))), np.asarray(ds.y)
-
-
-def _yardstick(
-    report: Report,
-    dataset: Dataset,
-    export: OnnxExport,
-    heldout: np.ndarray,
-    test: str | Path | Dataset | None,
-    trigger_test: str | Path | Dataset | None,
-    opts: RunOptions,
-    seed: int,
-) -> _Yardstick:
-    """The clean and triggered samples repair measures on (given sets, else held-out ones)."""
-    flagged = report.poisoned_classes
-    if test is not None:
-        clean_x, clean_y = _converted(test, export, opts)
-        clean_on = f"the test set ({len(clean_y)} samples)"
-    elif len(heldout):
-        clean_x, clean_y = dataset.take(heldout), dataset.y[heldout]
-        clean_on = f"{len(heldout)} held-out training samples"
-    else:
-        clean_x = clean_y = None
-        clean_on = ""
-    if trigger_test is not None:
-        trig_x, trig_y = _converted(trigger_test, export, opts)
-        return _Yardstick(
-            clean_x, clean_y, clean_on, trig_x, trig_y, None,
-            f"the trigger test set ({len(trig_y)} samples)", flagged,
-        )  # fmt: skip
-    # Without a trigger test: held-out samples of each suspected source, stamped with the
-    # trigger the scan estimated for the class.
-    rng = np.random.default_rng(seed)
-    xs, ys, cs = [], [], []
-    for c in report.classes:
-        if c.verdict != "poisoned" or c.trigger is None:
-            continue
-        sources = c.transfer_sources or (
-            [c.suspected_source] if c.suspected_source is not None else []
-        )
-        pick = heldout[dataset.y[heldout] != c.label]
-        if sources:
-            pick = pick[np.isin(dataset.y[pick], sources)]
-        if not len(pick):
-            continue
-        xs.append(c.trigger.stamp(dataset.take(pick), rng))
-        ys.append(dataset.y[pick])
-        cs.append(np.full(len(pick), c.label))
-    if not xs:
-        return _Yardstick(clean_x, clean_y, clean_on, None, None, None, "", flagged)
-    trig_y = np.concatenate(ys)
-    return _Yardstick(
-        clean_x, clean_y, clean_on, np.concatenate(xs), trig_y, np.concatenate(cs),
-        f"{len(trig_y)} held-out samples of the suspected source(s) stamped with the "
-        "trigger the scan estimated", flagged,
-    )  # fmt: skip
-
-
 def exit_code(report: Report) -> int:
     """Exit code of ``repair``: 0 when the attack is gone and the rescan of the original data
     is clean (or a bare ONNX model's cleaned data set was written), 1 when the repair failed
@@ -360,17 +254,20 @@ def repair(
     for target in (output, Path(data_output) if data_output is not None else None):
         if target is not None and not (target.parent if str(target.parent) else Path(".")).is_dir():
             raise FileNotFoundError(f"output folder does not exist: {target.parent}")
-    dataset = load_dataset(data, labels, x=x, y=y, options=opts)
     if report is not None and report.verdict != "backdoor":
         return _nothing_to_do(report, rcfg.strategy)
+    dataset = load_dataset(data, labels, x=x, y=y, options=opts)
     # Retraining needs the model in this process; a bare ONNX model cannot be retrained, so it
     # stays in its worker.
     onnx_file = isinstance(model, (str, Path)) and Path(model).suffix.lower() == ".onnx"
-    with prepare(model, dataset, mopts, opts, in_process=not onnx_file) as prepared:
-        return _repair(
-            prepared, model, dataset, output, report, exre, test, trigger_test, data_output,
-            opts, mopts, cfg, rcfg, t0,
-        )  # fmt: skip
+    try:
+        with prepare(model, dataset, mopts, opts, in_process=not onnx_file) as prepared:
+            return _repair(
+                prepared, model, dataset, output, report, exre, test, trigger_test,
+                data_output, opts, mopts, cfg, rcfg, t0,
+            )  # fmt: skip
+    finally:
+        dataset.close()
 
 
 def _repair(
@@ -433,7 +330,7 @@ def _repair(
         floor = min(MIN_HOLDOUT, len(clean) // 4)
         size = min(MAX_HOLDOUT, max(int(rcfg.holdout * len(clean)), floor))
         heldout = np.sort(rng.choice(clean, size=size, replace=False))
-    stick = _yardstick(
+    stick = yardstick(
         report, dataset, prepared.export, heldout, test, trigger_test, opts, cfg.seed
     )
     train = np.setdiff1d(np.flatnonzero(plan.keep), heldout)
