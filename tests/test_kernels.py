@@ -245,8 +245,11 @@ def test_silhouette_rejects_a_single_label():
 
 
 def test_kernels_import_only_numpy_and_numba():
-    """The package boundary: kernels/ depends on numpy and numba alone."""
-    allowed = {"numpy", "numba", "__future__"}
+    """The package boundary: kernels/ depends on numpy and numba alone (and the standard
+    library: the compile notice writes to sys.stderr)."""
+    import sys
+
+    allowed = {"numpy", "numba", "__future__", *sys.stdlib_module_names}
     for path in Path(package.__file__).parent.glob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Import):
@@ -325,3 +328,56 @@ def test_pca_never_copies_the_data_whole():
         half = 10000 * d * 4
         assert peaks[1] - peaks[0] < 0.25 * half, (d, peaks, half)
         assert peaks[1] < 2 * half, (d, peaks, half)
+
+
+# --------------------------------------------------------------------- FastICA's Jacobi step
+
+
+def test_sym_decorrelation_matches_the_eigh_formula():
+    from backdoorscan.kernels.ica import _sym_decorrelation
+
+    rng = np.random.default_rng(5)
+    for k in (1, 2, 10, 16):
+        W = rng.normal(size=(k, k))
+        s, u = np.linalg.eigh(W @ W.T)
+        expected = (u / np.sqrt(s)) @ u.T @ W
+        got = _sym_decorrelation(W)
+        np.testing.assert_allclose(got, expected, atol=1e-10)
+        np.testing.assert_allclose(got @ got.T, np.eye(k), atol=1e-10)
+
+
+def test_fastica_loads_without_lapack_in_the_kernel():
+    """The compiled FastICA kernel calls no LAPACK routine (numba's eigh binds scipy's)."""
+    import inspect
+
+    from backdoorscan.kernels import ica
+
+    assert "linalg" not in inspect.getsource(ica._fastica_par)
+    assert "linalg" not in inspect.getsource(ica._sym_decorrelation)
+
+
+# ----------------------------------------------------------------- the compile notice
+
+
+def test_compile_notice_once_with_an_empty_cache_and_never_when_warm(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import numpy as np\n"
+        "from backdoorscan.kernels import silhouette_samples\n"
+        "X = np.random.default_rng(0).normal(size=(40, 3))\n"
+        "silhouette_samples(X, np.arange(40) % 2)\n"
+        "silhouette_samples(X, np.arange(40) % 3)\n"
+    )
+    root = Path(package.__file__).parents[2]
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path), PYTHONPATH=str(root))
+    notice = "compiling the clustering kernels (first run only)..."
+    runs = [
+        subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+        for _ in range(2)
+    ]
+    assert all(r.returncode == 0 for r in runs), [r.stderr for r in runs]
+    assert runs[0].stderr.count(notice) == 1
+    assert notice not in runs[1].stderr

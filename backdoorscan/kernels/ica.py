@@ -1,7 +1,9 @@
 """FastICA (parallel fixed-point algorithm, logcosh contrast, symmetric decorrelation).
 
-Whitening is an eigendecomposition of the covariance in numpy; the fixed-point iterations run in
-one Numba kernel (a pass of plain loops per iteration, no BLAS threads).
+Whitening is the top-k eigenproblem of the covariance in numpy (``pca.top_components``); the
+fixed-point iterations run in one Numba kernel (a pass of plain loops per iteration, no BLAS
+threads), its k x k symmetric decorrelation by Jacobi sweeps: the compiled code calls no
+BLAS or LAPACK, whose numba bindings import scipy.linalg in every process that loads them.
 """
 
 from __future__ import annotations
@@ -24,17 +26,84 @@ def _standard_normal(k: int, seed: int) -> np.ndarray:
 
 
 @njit(cache=True, nogil=True)
+def _jacobi_eigh(A: np.ndarray, V: np.ndarray) -> None:
+    """Eigen-decomposition of the small symmetric matrix A in place, by cyclic Jacobi sweeps:
+    A ends (numerically) diagonal, holding the eigenvalues, and V (identity on entry) the
+    eigenvectors as columns. Plain loops: no LAPACK, so loading the compiled kernel imports
+    nothing more (numba's eigh goes through scipy.linalg, 0.3 s per process)."""
+    k = A.shape[0]
+    for _ in range(100):
+        off = 0.0
+        diag = 0.0
+        for p in range(k):
+            diag += A[p, p] * A[p, p]
+            for q in range(p + 1, k):
+                off += A[p, q] * A[p, q]
+        if off <= 1e-32 * diag or off == 0.0:
+            return
+        for p in range(k - 1):
+            for q in range(p + 1, k):
+                apq = A[p, q]
+                if apq == 0.0:
+                    continue
+                tau = (A[q, q] - A[p, p]) / (2.0 * apq)
+                t = 1.0 / (abs(tau) + np.sqrt(1.0 + tau * tau))
+                if tau < 0.0:
+                    t = -t
+                c = 1.0 / np.sqrt(1.0 + t * t)
+                s = t * c
+                for r in range(k):  # A <- A J
+                    arp, arq = A[r, p], A[r, q]
+                    A[r, p] = c * arp - s * arq
+                    A[r, q] = s * arp + c * arq
+                for r in range(k):  # A <- J^T A
+                    apr, aqr = A[p, r], A[q, r]
+                    A[p, r] = c * apr - s * aqr
+                    A[q, r] = s * apr + c * aqr
+                for r in range(k):  # V <- V J
+                    vrp, vrq = V[r, p], V[r, q]
+                    V[r, p] = c * vrp - s * vrq
+                    V[r, q] = s * vrp + c * vrq
+
+
+@njit(cache=True, nogil=True)
 def _sym_decorrelation(W: np.ndarray) -> np.ndarray:
-    """W <- (W W^T)^{-1/2} W, which makes the rows of W orthonormal without favouring any."""
-    s, u = np.linalg.eigh(W @ W.T)
-    k = s.shape[0]
-    floor = max(s[k - 1], 1e-300) * 1e-15
-    scaled = np.empty((k, k))
+    """W <- (W W^T)^{-1/2} W, which makes the rows of W orthonormal without favouring any.
+
+    k is about 10: loops and a Jacobi eigensolver, no BLAS or LAPACK call."""
+    k, m = W.shape
+    A = np.zeros((k, k))
+    for i in range(k):
+        for j in range(i, k):
+            acc = 0.0
+            for c in range(m):
+                acc += W[i, c] * W[j, c]
+            A[i, j] = acc
+            A[j, i] = acc
+    u = np.eye(k)
+    _jacobi_eigh(A, u)
+    top = 0.0
     for j in range(k):
-        inv = 1.0 / np.sqrt(max(s[j], floor))
-        for i in range(k):
-            scaled[i, j] = u[i, j] * inv
-    return (scaled @ u.T) @ W
+        top = max(top, A[j, j])
+    floor = max(top, 1e-300) * 1e-15
+    inv = np.empty(k)
+    for j in range(k):
+        inv[j] = 1.0 / np.sqrt(max(A[j, j], floor))
+    # (u diag(inv) u^T) W
+    S = np.zeros((k, k))
+    for i in range(k):
+        for j in range(k):
+            acc = 0.0
+            for e in range(k):
+                acc += u[i, e] * inv[e] * u[j, e]
+            S[i, j] = acc
+    out = np.zeros((k, m))
+    for i in range(k):
+        for j in range(k):
+            sij = S[i, j]
+            for c in range(m):
+                out[i, c] += sij * W[j, c]
+    return out
 
 
 @njit(cache=True, nogil=True)
