@@ -20,7 +20,9 @@ TensorFlow, and TensorFlow is not installed but torch is, this module selects th
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 import json
 import os
 import re
@@ -385,17 +387,22 @@ class KerasAdapter:
         dtype = str(np.dtype(inp.dtype))
         two = keras.Model(model.inputs, [outputs[0], feature])
         spec = keras.InputSpec(shape=(None, *per_sample), dtype=dtype)
-        with tempfile.TemporaryDirectory() as tmp, quiet():
-            path = Path(tmp) / "model.onnx"
+        # On the torch backend Keras hands the target to torch.onnx.export, which writes to a
+        # file object as well: into memory, then, as no file may be written where untrusted
+        # models are exported (the sandbox's model worker). The other backends need a path.
+        in_memory = keras.backend.backend() == "torch"
+        folder = contextlib.nullcontext("") if in_memory else tempfile.TemporaryDirectory()
+        with folder as tmp, quiet():
+            target: Any = io.BytesIO() if in_memory else str(Path(tmp) / "model.onnx")
             try:
-                two.export(str(path), format="onnx", verbose=False, input_signature=[spec])
+                two.export(target, format="onnx", verbose=False, input_signature=[spec])
             except Exception as e:
                 raise AdapterError(
                     f"Keras could not export the model to ONNX on the "
                     f"{keras.backend.backend()} backend: {_one_line(str(e))} (see "
                     "backdoorscan.adapters.keras for what each backend needs)"
                 ) from e
-            graph = onnx.load(str(path))
+            graph = onnx.load_from_string(target.getvalue()) if in_memory else onnx.load(target)
         graph_inputs = _check.data_inputs(graph)
         if len(graph_inputs) != 1 or len(graph.graph.output) != 2:
             raise AdapterError("Keras' ONNX export does not have one input and two outputs")
