@@ -393,3 +393,155 @@ def test_protocol_round_trip_of_every_allowed_dtype() -> None:
     for want, got in zip(arrays, out[:-1], strict=True):
         assert got.dtype == want.dtype and got.flags.writeable
         np.testing.assert_array_equal(got, want)
+
+
+# -- 6. every model format, and the export cache, through the worker ------------------------------
+
+ARCH_MODULE = """
+import torch
+
+def make(hidden=8):
+    return torch.nn.Sequential(
+        torch.nn.Flatten(), torch.nn.Linear(16, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, 3)
+    )
+"""
+
+
+def _proxy_logits(w: ModelWorker, export: object, x: np.ndarray) -> np.ndarray:
+    session = w.session(export, device="cpu")
+    (logits,) = session.run([export.logits_name], {export.input_name: x})  # type: ignore[attr-defined]
+    return logits
+
+
+def test_state_dict_with_arch_on_sys_path_exports_runs_and_is_cached(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # --arch code the scanner imports through sys.path only (not PYTHONPATH): the worker
+    # imports it from the same folder, which it may list but whose other files it may not read.
+    # The export cache: the first worker's export is stored by the scanner, the second worker
+    # is served from it.
+    torch = pytest.importorskip("torch")
+    from backdoorscan.adapters import _cache
+    from backdoorscan.sandbox import export_cached
+
+    code, models, cache = tmp_path / "code", tmp_path / "models", tmp_path / "cache"
+    code.mkdir()
+    models.mkdir()
+    (code / "tiny_arch.py").write_text(ARCH_MODULE)
+    (code / "secret.txt").write_text("do not read")
+    monkeypatch.syspath_prepend(str(code))
+    monkeypatch.setenv("BACKDOORSCAN_CACHE_DIR", str(cache))
+    import tiny_arch
+
+    torch.manual_seed(0)
+    model = tiny_arch.make().eval()
+    torch.save(model.state_dict(), models / "weights.pt")
+    x = np.random.default_rng(0).standard_normal((5, 1, 4, 4)).astype(np.float32)
+    want = model(torch.from_numpy(x)).detach().numpy()
+    options = {"arch": "tiny_arch:make", "input_shape": (1, 4, 4)}
+    limits = Limits(allow_read=[models], timeout=180)
+    with ModelWorker(limits) as w:
+        first = export_cached(w, models / "weights.pt", **options)
+        logits = _proxy_logits(w, first, x)
+        assert "torch" in w.status.frameworks
+        if w.status.landlock.startswith("on"):
+            with pytest.raises(ModelError, match="Permission"):
+                w._call("hostile_sandbox:read_file", str(code / "secret.txt"))
+    np.testing.assert_allclose(logits, want, rtol=1e-4, atol=1e-5)
+    assert not any("export cache" in n for n in first.notes), first.notes
+    assert first.cache_key is not None and _cache.is_key_for(
+        first.cache_key, _cache_sha(models / "weights.pt")
+    )
+    assert [p.name for p in cache.iterdir()] == [f"{first.cache_key}.onnx"]
+    with ModelWorker(limits) as w:
+        second = export_cached(w, models / "weights.pt", **options)
+    assert any("loaded from the export cache" in n for n in second.notes), second.notes
+    assert second.cache_key == first.cache_key
+    assert second.model_bytes == first.model_bytes
+
+
+def _cache_sha(path: Path) -> str:
+    from backdoorscan._io import sha256_file
+
+    return sha256_file(path)
+
+
+class _ForgingWorker:
+    """Stands for a worker whose model returns a cache key of its choosing."""
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+
+    def export(self, path: object, layer: object = None, **options: object) -> object:
+        export = hs.export_of(hs.endless_loop(3))
+        export.cache_key = self.key  # type: ignore[attr-defined]
+        return export
+
+
+@pytest.mark.parametrize(
+    "forged",
+    [
+        "../../victim",  # a path
+        "0" * 64 + "-" + "1" * 64,  # well formed, but another model file's hash
+        "ab",
+    ],
+)
+def test_forged_cache_key_from_the_worker_is_never_stored(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, forged: str
+) -> None:
+    from backdoorscan.sandbox import export_cached
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("BACKDOORSCAN_CACHE_DIR", str(cache))
+    model = tmp_path / "m.pt"
+    model.write_bytes(b"not really a model")
+    export = export_cached(_ForgingWorker(forged), model)  # type: ignore[arg-type]
+    assert export.cache_key is None
+    assert not cache.exists() and not (tmp_path / "victim.onnx").exists()
+
+
+def test_torch_export_archive_exports_and_runs(tmp_path: Path) -> None:
+    torch = pytest.importorskip("torch")
+    import digits_models as dm
+
+    torch.manual_seed(0)
+    model = dm.make_cnn().eval()
+    x = np.random.default_rng(1).standard_normal((6, 1, 8, 8)).astype(np.float32)
+    program = torch.export.export(
+        model, (torch.from_numpy(x[:2]),), dynamic_shapes=({0: torch.export.Dim("batch")},)
+    )
+    torch.export.save(program, str(tmp_path / "model.pt2"))
+    want = model(torch.from_numpy(x)).detach().numpy()
+    with ModelWorker(Limits(allow_read=[tmp_path], timeout=180)) as w:
+        export = w.export(tmp_path / "model.pt2")
+        logits = _proxy_logits(w, export, x)
+        assert w.status.seccomp.startswith("on")
+    assert export.framework == "torch" and export.input_shape == (1, 8, 8)
+    np.testing.assert_allclose(logits, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy")
+def test_keras_archive_exports_and_runs(tmp_path: Path) -> None:
+    keras = pytest.importorskip("keras")
+    keras.utils.set_random_seed(0)
+    layers = keras.layers
+    model = keras.Sequential(
+        [
+            keras.Input((8, 8, 1)),
+            layers.Conv2D(4, 3, padding="same", activation="relu"),
+            layers.Flatten(),
+            layers.Dense(16, activation="relu", name="hidden"),
+            layers.Dense(3, name="logits"),
+        ]
+    )
+    model.save(tmp_path / "model.keras")
+    x = np.random.default_rng(2).standard_normal((5, 8, 8, 1)).astype(np.float32)
+    want = np.asarray(model.predict(x, verbose=0))
+    with ModelWorker(Limits(allow_read=[tmp_path], timeout=180)) as w:
+        export = w.export(tmp_path / "model.keras")
+        rows = w.layers(tmp_path / "model.keras")
+        logits = _proxy_logits(w, export, x)
+        assert "keras" in w.status.frameworks and w.status.seccomp.startswith("on")
+    assert export.framework == "keras" and export.feature_dim == 16
+    assert any(r.default for r in rows)
+    np.testing.assert_allclose(logits, want, rtol=1e-4, atol=1e-5)

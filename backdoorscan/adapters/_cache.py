@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from backdoorscan.adapters.base import OnnxExport
 # Bump when the layout of an export changes, so that older entries are not reused.
 CACHE_FORMAT = 1
 META_KEY = "backdoorscan.export"
+KEY_PATTERN = re.compile(r"[0-9a-f]{64}-[0-9a-f]{64}")
 
 
 def cache_dir() -> Path:
@@ -33,11 +35,26 @@ def cache_dir() -> Path:
 
 
 def make_key(model_sha256: str, **parts: Any) -> str:
-    """A cache key for one export of one model file; ``parts`` are what else shapes the export."""
+    """A cache key for one export of one model file; ``parts`` are what else shapes the export.
+
+    ``MODEL_SHA256-DIGEST``: the model file's hash in clear, so that a key made by a process
+    that ran the model (the worker, which could return any key) can be checked against the
+    file before its export is stored (:func:`is_key_for`).
+    """
     blob = json.dumps(
         {"format": CACHE_FORMAT, "model": model_sha256, **parts}, sort_keys=True, default=repr
     )
-    return hashlib.sha256(blob.encode()).hexdigest()
+    return f"{model_sha256}-{hashlib.sha256(blob.encode()).hexdigest()}"
+
+
+def is_key_for(key: object, model_sha256: str) -> bool:
+    """Whether ``key`` has the form :func:`make_key` gives (nothing that could name another
+    path) and belongs to the model file whose sha256 is ``model_sha256``."""
+    return (
+        isinstance(key, str)
+        and KEY_PATTERN.fullmatch(key) is not None
+        and key.startswith(model_sha256 + "-")
+    )
 
 
 def embed_metadata(export: OnnxExport) -> OnnxExport:
@@ -94,8 +111,11 @@ def load(key: str) -> OnnxExport | None:
 def store(key: str, export: OnnxExport) -> Path | None:
     """Write an export (metadata embedded) to the cache; None when the folder is unwritable.
 
-    A failing cache must never fail a scan, so write errors are swallowed.
+    A failing cache must never fail a scan, so write errors are swallowed; a key not of
+    :func:`make_key`'s form (it names the file) is not written.
     """
+    if KEY_PATTERN.fullmatch(key) is None:
+        return None
     path = cache_dir() / f"{key}.onnx"
     try:
         return atomic_write(
@@ -107,12 +127,16 @@ def store(key: str, export: OnnxExport) -> Path | None:
 
 def cached(key: str | None, make: Callable[[], OnnxExport]) -> OnnxExport:
     """The export stored under ``key``; else ``make()``, its metadata embedded, stored under
-    ``key`` (no key: a model with no file to hash, made and not stored)."""
+    ``key`` (no key: a model with no file to hash, made and not stored). Either way the
+    export's ``cache_key`` is ``key``: where the store fails (the model worker may not write)
+    the caller can store it elsewhere."""
     if key is not None:
         hit = load(key)
         if hit is not None:
+            hit.cache_key = key
             return hit
     export = embed_metadata(make())
     if key is not None:
+        export.cache_key = key
         store(key, export)
     return export

@@ -28,6 +28,9 @@ class OnnxExport:
     ``model_bytes`` is the serialized ``onnx.ModelProto``; ``input_name`` the one data input;
     ``input_shape`` its per-sample shape (batch dimension removed, ``None`` where dynamic);
     ``input_dtype`` a numpy dtype name; ``layer`` the tensor or module the features come from.
+    ``cache_key``: the export cache's key for it (``_cache.cached`` sets it, hit or miss), so
+    that an export made where the cache cannot be written (the model worker) can be stored by
+    the process that can; None for a model with no file to hash.
     """
 
     model_bytes: bytes
@@ -41,6 +44,7 @@ class OnnxExport:
     framework: str = "onnx"
     logits_name: str = LOGITS
     features_name: str = FEATURES
+    cache_key: str | None = None
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,9 @@ that the scanner bounds (memory, time), confines (seccomp, Landlock) and can alw
                                     {export.input_name: batch})
         w.status.summary()  # "seccomp on (..); landlock on (ABI 7); memory RLIMIT_AS=..."
 
+``export_cached(w, model_path, layer, **options)`` is ``w.export`` with the export cache:
+the worker reads it, the scanner stores what the worker had to make (``export_cache.py``).
+
 Errors are :class:`SandboxError` (one line each): :class:`WorkerTimeout`,
 :class:`WorkerMemoryError`, and :class:`ModelError` for anything raised inside the worker
 (``kind`` names the worker's exception class, e.g. ``AdapterError``). Names are imported on
@@ -24,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from backdoorscan.sandbox.client import ModelWorker, NodeInfo, SessionProxy
+    from backdoorscan.sandbox.export_cache import export_cached
     from backdoorscan.sandbox.limits import (
         IsolationStatus,
         Limits,
@@ -37,6 +41,7 @@ _EXPORTS = {
     "ModelWorker": "client",
     "NodeInfo": "client",
     "SessionProxy": "client",
+    "export_cached": "export_cache",
     "IsolationStatus": "limits",
     "Limits": "limits",
     "ModelError": "limits",
@@ -55,6 +60,7 @@ __all__ = [
     "SessionProxy",
     "WorkerMemoryError",
     "WorkerTimeout",
+    "export_cached",
 ]
 
 

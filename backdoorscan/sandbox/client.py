@@ -26,6 +26,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from backdoorscan.sandbox import protocol
+from backdoorscan.sandbox.export_cache import cache_read_paths
 from backdoorscan.sandbox.limits import (
     IsolationStatus,
     Limits,
@@ -95,6 +96,7 @@ class ModelWorker:
         self._preload: set[str] = set()
         self._lock = threading.RLock()  # one request at a time on the socket
         self._extra_read: set[str] = set()
+        self._sys_path: set[str] = set()  # folders the worker imports --arch modules from
 
     # -- life cycle --------------------------------------------------------------------------
 
@@ -187,18 +189,15 @@ class ModelWorker:
     def export(self, model_path: str | Path, layer: str | None = None, **options: Any) -> Any:
         """``adapters.load(model_path, **options).to_onnx(layer)``, in the worker; returns an
         :class:`~backdoorscan.adapters.base.OnnxExport` rebuilt from checked JSON and bytes."""
-        from backdoorscan.adapters.base import OnnxExport
-
         path = self._model_path(model_path, options)
         reply, bufs = self._request(
             {"op": "export", "path": path, "layer": layer, "options": options},
             (),
             f"exporting {Path(path).name}",
         )
-        fields = _export_fields(reply.get("export"))
         if len(bufs) != 1 or not isinstance(bufs[0], bytes):
             raise self._malformed("an export without its model bytes")
-        return OnnxExport(model_bytes=bufs[0], **fields)
+        return protocol.export_from_fields(reply.get("export"), bufs[0])
 
     def layers(self, model_path: str | Path, **options: Any) -> list[Any]:
         """``adapters.load(model_path, **options).layers()``, in the worker: a list of
@@ -228,13 +227,11 @@ class ModelWorker:
     ) -> SessionProxy:
         """``runtime.make_session(export, device, threads=threads, spin=False)``, in the worker;
         returns a proxy with ``run`` and ``get_providers`` like an ``InferenceSession``."""
-        from backdoorscan.sandbox.worker import export_fields
-
         self._ensure_setup("onnx")
         reply, _ = self._request(
             {
                 "op": "session",
-                "export": export_fields(export),
+                "export": protocol.export_fields(export),
                 "device": device,
                 "threads": threads,
             },
@@ -281,8 +278,10 @@ class ModelWorker:
         return path
 
     def _trust_arch(self, module: str) -> None:
-        """Let the worker import ``--arch`` code (the user's, trusted): preload it and allow
-        reading where it lives."""
+        """Let the worker import ``--arch`` code (the user's, trusted): preload it, allow
+        reading the module (its file, or its package's folders) and listing, not reading,
+        the ``sys.path`` folder this process found it in, which the worker's ``sys.path``
+        gains (where this process has it through ``sys.path.insert``, not ``PYTHONPATH``)."""
         try:
             spec = importlib.util.find_spec(module.split(".")[0])
         except (ImportError, ValueError):
@@ -290,9 +289,13 @@ class ModelWorker:
         if spec is None:
             return
         if spec.submodule_search_locations:
-            self._extra_read.update(spec.submodule_search_locations)
-        elif spec.origin:
-            self._extra_read.add(spec.origin)
+            locations = [str(Path(p).resolve()) for p in spec.submodule_search_locations]
+            self._extra_read.update(locations)
+            self._sys_path.update(str(Path(p).parent) for p in locations)
+        elif spec.origin and Path(spec.origin).is_file():
+            origin = Path(spec.origin).resolve()
+            self._extra_read.add(str(origin))
+            self._sys_path.add(str(origin.parent))
         self._preload.add(module)
 
     def _ensure_setup(self, framework: str) -> None:
@@ -313,11 +316,13 @@ class ModelWorker:
             "op": "setup",
             "frameworks": sorted(want),
             "max_memory": lim.max_memory,
-            "allow_read": [*lim.allow_read, *sorted(self._extra_read)],
+            # The export cache: read-only, so the worker is served from it (export_cache.py).
+            "allow_read": [*lim.allow_read, *sorted(self._extra_read), *cache_read_paths()],
             "seccomp": lim.seccomp,
             "landlock": lim.landlock,
             "trust": lim.trust,
             "preload": sorted(self._preload),
+            "sys_path": sorted(self._sys_path),
         }
         reply, _ = self._request(msg, (), "starting the model worker", setup=True)
         st = protocol.expect(reply.get("status"), dict, "status")
@@ -572,35 +577,6 @@ def _nodes(rows: Any) -> list[NodeInfo]:
                 protocol.expect(row[2], str, "node"),
             )
         )
-    return out
-
-
-def _export_fields(fields: Any) -> dict[str, Any]:
-    """The OnnxExport fields of a reply, each checked for its type."""
-    protocol.expect(fields, dict, "export")
-    want = {
-        "input_name": str,
-        "input_dtype": str,
-        "layer": str,
-        "framework": str,
-        "logits_name": str,
-        "features_name": str,
-    }
-    out: dict[str, Any] = {}
-    for key, kind in want.items():
-        out[key] = protocol.expect(fields.get(key), kind, key)
-    shape = protocol.expect(fields.get("input_shape"), list, "input_shape")
-    for d in shape:
-        if d is not None:
-            protocol.expect(d, int, "input_shape")
-    out["input_shape"] = tuple(shape)
-    for key in ("feature_dim", "num_classes"):
-        v = fields.get(key)
-        out[key] = None if v is None else protocol.expect(v, int, key)
-    notes = protocol.expect(fields.get("notes"), list, "notes")
-    out["notes"] = [protocol.expect(n, str, "notes") for n in notes]
-    if set(fields) - set(out):
-        raise protocol.ProtocolError("malformed reply: unexpected export fields")
     return out
 
 

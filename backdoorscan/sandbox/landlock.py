@@ -119,9 +119,11 @@ def default_read_paths() -> list[str]:
     return sorted(paths)
 
 
-def restrict(read_paths: Iterable[str]) -> int:
+def restrict(read_paths: Iterable[str], list_paths: Iterable[str] = ()) -> int:
     """Confine this thread, and every thread and process it starts from now on, to reading
-    beneath ``read_paths`` (missing ones are skipped); returns the ABI version used."""
+    beneath ``read_paths`` (missing ones are skipped) and to listing, not reading, the folders
+    ``list_paths`` (where Python finds an ``--arch`` module: the import system lists a
+    ``sys.path`` folder to find a module in it); returns the ABI version used."""
     abi = abi_version()
     libc = _libc()
     handled = _FS_ABI1
@@ -150,6 +152,8 @@ def restrict(read_paths: Iterable[str]) -> int:
     try:
         for path in sorted(set(read_paths)):
             _allow_read(libc, int(fd), path)
+        for path in sorted(set(list_paths)):
+            _allow_read(libc, int(fd), path, list_only=True)
         if libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
             raise LandlockError(f"no_new_privs: {os.strerror(ctypes.get_errno())}")
         if libc.syscall(ctypes.c_long(_RESTRICT_SELF), ctypes.c_int(fd), ctypes.c_uint32(0)):
@@ -160,14 +164,17 @@ def restrict(read_paths: Iterable[str]) -> int:
     return abi
 
 
-def _allow_read(libc: ctypes.CDLL, ruleset: int, path: str) -> None:
+def _allow_read(libc: ctypes.CDLL, ruleset: int, path: str, list_only: bool = False) -> None:
     try:
         pfd = os.open(path, os.O_PATH | os.O_CLOEXEC)
     except OSError:
         return  # a folder that does not exist here needs no rule
     try:
         is_dir = os.path.isdir(f"/proc/self/fd/{pfd}") or os.path.isdir(path)
-        rule = _PathBeneath(_READ_FILE | (_READ_DIR if is_dir else 0), pfd)
+        if list_only and not is_dir:
+            return
+        rights = _READ_DIR if list_only else _READ_FILE | (_READ_DIR if is_dir else 0)
+        rule = _PathBeneath(rights, pfd)
         if is_dir is False:
             rule.allowed_access &= _FILE_RIGHTS
         rc = libc.syscall(

@@ -184,3 +184,59 @@ def expect(obj: Any, kind: type | tuple[type, ...], what: str) -> Any:
     if not isinstance(obj, kind):
         raise ProtocolError(f"malformed reply: {what}")
     return obj
+
+
+# -- exports -------------------------------------------------------------------------------------
+
+_EXPORT_FIELDS: dict[str, type] = {
+    "input_name": str,
+    "input_dtype": str,
+    "layer": str,
+    "framework": str,
+    "logits_name": str,
+    "features_name": str,
+}
+_OPTIONAL_INT = ("feature_dim", "num_classes")
+
+
+def export_fields(export: Any) -> dict[str, Any]:
+    """An OnnxExport's fields, the model bytes aside, as JSON values."""
+    return {
+        "input_name": export.input_name,
+        "input_shape": list(export.input_shape),
+        "input_dtype": export.input_dtype,
+        "layer": export.layer,
+        "feature_dim": export.feature_dim,
+        "num_classes": export.num_classes,
+        "notes": list(export.notes),
+        "framework": export.framework,
+        "logits_name": export.logits_name,
+        "features_name": export.features_name,
+        "cache_key": export.cache_key,
+    }
+
+
+def export_from_fields(fields: Any, model_bytes: bytes) -> Any:
+    """The OnnxExport a worker's reply describes, each field checked for its type (the
+    ``cache_key`` is checked against the model file by whoever stores it)."""
+    from backdoorscan.adapters.base import OnnxExport
+
+    expect(fields, dict, "export")
+    out: dict[str, Any] = {
+        key: expect(fields.get(key), kind, key) for key, kind in _EXPORT_FIELDS.items()
+    }
+    shape = expect(fields.get("input_shape"), list, "input_shape")
+    for d in shape:
+        if d is not None:
+            expect(d, int, "input_shape")
+    out["input_shape"] = tuple(shape)
+    for key in _OPTIONAL_INT:
+        v = fields.get(key)
+        out[key] = None if v is None else expect(v, int, key)
+    notes = expect(fields.get("notes"), list, "notes")
+    out["notes"] = [expect(n, str, "notes") for n in notes]
+    key = fields.get("cache_key")
+    out["cache_key"] = None if key is None else expect(key, str, "cache_key")
+    if set(fields) - set(out):
+        raise ProtocolError("malformed reply: unexpected export fields")
+    return OnnxExport(model_bytes=model_bytes, **out)

@@ -30,6 +30,7 @@ import resource
 import signal
 import socket
 import sys
+import tempfile
 from typing import Any
 
 from backdoorscan.sandbox import protocol
@@ -84,14 +85,21 @@ class Worker:
 
     def setup(self, msg: dict[str, Any]) -> dict[str, Any]:
         """Confine the process as ``msg`` asks, import the libraries, set the memory limit."""
+        # Libraries ask tempfile for its folder as they import (torch's export machinery does);
+        # tempfile finds it by writing a probe file in each candidate, which fails once writes
+        # are refused, and then raises "no usable temporary directory". Name it up front,
+        # unprobed: a file written there is refused like any other.
+        tempfile.tempdir = os.environ.get("TMPDIR") or "/tmp"
         landlock_status = "off"
         if msg.get("landlock", True):
             from backdoorscan.sandbox import landlock
 
             try:
                 paths = [*landlock.default_read_paths(), *msg.get("allow_read", [])]
+                if "keras" in msg.get("frameworks", []):
+                    paths.append(keras_config())
                 threads = proc_status().get("Threads", 1)
-                abi = landlock.restrict(paths)
+                abi = landlock.restrict(paths, msg.get("sys_path", []))
                 landlock_status = f"on (ABI {abi})"
                 if threads > 1:
                     landlock_status += f", {threads - 1} earlier threads not covered"
@@ -116,6 +124,9 @@ class Worker:
             # A missing framework: the adapter says so, in its own words, when it is needed.
             with contextlib.suppress(ImportError):
                 importlib.import_module(name)
+        # Where the scanner found the --arch module: after the worker's own entries, so that it
+        # never shadows a library.
+        sys.path.extend(p for p in msg.get("sys_path", []) if p not in sys.path)
         for name in msg.get("preload", []):
             # Trusted code named by --arch: its error, if any, comes with the load.
             with contextlib.suppress(Exception):
@@ -165,8 +176,11 @@ class Worker:
         if op == "export":
             from backdoorscan import adapters
 
-            export = adapters.load(msg["path"], **msg.get("options", {})).to_onnx(msg.get("layer"))
-            return {"export": export_fields(export)}, [export.model_bytes]
+            adapter = adapters.load(msg["path"], **msg.get("options", {}))
+            export = adapter.to_onnx(msg.get("layer"))
+            # The scanner has no adapter to ask which framework the model is in: the export says.
+            export.framework = str(getattr(adapter, "framework", export.framework))
+            return {"export": protocol.export_fields(export)}, [export.model_bytes]
         if op == "layers":
             from backdoorscan import adapters
 
@@ -237,24 +251,21 @@ class Worker:
         return {}, arrays
 
 
+def keras_config() -> str:
+    """The Keras settings file that ``import keras`` reads (and that it cannot be kept from
+    reading: a refusal to open it is not caught there): ``$KERAS_HOME/keras.json``, else
+    ``~/.keras/keras.json``, or ``/tmp/.keras/keras.json`` where the home is not writable.
+    Keras' own rule (``keras/src/backend/config.py``); only that file is allowed."""
+    if "KERAS_HOME" in os.environ:
+        folder = os.environ["KERAS_HOME"]
+    else:
+        home = os.path.expanduser("~")
+        folder = os.path.join(home if os.access(home, os.W_OK) else "/tmp", ".keras")
+    return os.path.expanduser(os.path.join(folder, "keras.json"))
+
+
 class SetupError(RuntimeError):
     """The worker cannot confine itself as asked; the scanner is told why, then it exits."""
-
-
-def export_fields(export: Any) -> dict[str, Any]:
-    """An OnnxExport's fields, the model bytes aside, as JSON values."""
-    return {
-        "input_name": export.input_name,
-        "input_shape": list(export.input_shape),
-        "input_dtype": export.input_dtype,
-        "layer": export.layer,
-        "feature_dim": export.feature_dim,
-        "num_classes": export.num_classes,
-        "notes": list(export.notes),
-        "framework": export.framework,
-        "logits_name": export.logits_name,
-        "features_name": export.features_name,
-    }
 
 
 def _die_with_parent(parent: int) -> None:
