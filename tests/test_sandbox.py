@@ -545,3 +545,15 @@ def test_keras_archive_exports_and_runs(tmp_path: Path) -> None:
     assert export.framework == "keras" and export.feature_dim == 16
     assert any(r.default for r in rows)
     np.testing.assert_allclose(logits, want, rtol=1e-4, atol=1e-5)
+
+
+def test_error_lines_keep_the_cause_a_colon_announces() -> None:
+    from backdoorscan.sandbox.limits import one_line
+
+    torch_text = "m.pt is not a TorchScript archive torch can load: \nUnknown type 'exec':\nexec"
+    assert one_line(torch_text) == "m.pt is not a TorchScript archive torch can load: " + (
+        "Unknown type 'exec': exec"
+    )
+    assert one_line("first\nsecond") == "first"
+    assert one_line("\n\n") == ""
+    assert len(one_line("x" * 1000)) == 400

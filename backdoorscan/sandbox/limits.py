@@ -46,12 +46,18 @@ class ModelError(SandboxError):
 
 def one_line(text: str, limit: int = 400) -> str:
     """The first non-empty line of ``text``, stripped and cut to ``limit`` characters: every
-    message that crosses the sandbox, and every message it raises, is one line."""
-    for line in str(text).splitlines():
-        line = line.strip()
-        if line:
-            return line if len(line) <= limit else line[: limit - 3] + "..."
-    return ""
+    message that crosses the sandbox, and every message it raises, is one line. A line that
+    ends in a colon announces its cause on the next one (``X is not a TorchScript archive
+    torch can load: \nUnknown type name '__builtin__.exec'``): that line is joined to it."""
+    lines = [ln.strip() for ln in str(text).splitlines() if ln.strip()]
+    if not lines:
+        return ""
+    line = lines[0]
+    for nxt in lines[1:3]:
+        if not line.endswith(":"):
+            break
+        line = f"{line} {nxt}"
+    return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
 def format_bytes(n: int) -> str:
