@@ -104,8 +104,9 @@ def abi_version() -> int:
 
 
 def default_read_paths() -> list[str]:
-    """Python's own folders (standard library, site-packages, this package) and the system
-    folders of :data:`SYSTEM_READ`: what the worker needs to keep importing lazily."""
+    """Python's own folders (standard library, site-packages, this package, ``sys.path`` but
+    the working folder) and the system folders of :data:`SYSTEM_READ`: what the worker needs
+    to keep importing lazily."""
     paths = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix}
     paths.update(site.getsitepackages())
     user_site = site.getusersitepackages()
@@ -115,6 +116,11 @@ def default_read_paths() -> list[str]:
     paths.add(str(Path(__file__).resolve().parents[2]))
     # PYTHONPATH is the user's explicit choice of code to import.
     paths.update(p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p)
+    # Folders the interpreter's site setup added (.pth files: Debian's dist-packages, conda,
+    # a venv layered on another's packages), but not the working folder, which `python -m`
+    # puts first and which may be the user's home.
+    cwd = os.getcwd()
+    paths.update(p for p in sys.path if os.path.isabs(p) and os.path.normpath(p) != cwd)
     paths.update(SYSTEM_READ)
     return sorted(paths)
 
