@@ -368,8 +368,9 @@ NOTES = [
     "OpenMP/OpenBLAS threads compete with other jobs and lose most; the numba kernels run their "
     "loops on one thread (ICA's whitening and PCA use numpy's BLAS). The CPU-time column under "
     "one thread is the steadiest comparison.",
-    "- `pca` is numpy, not numba: a float64 covariance and `eigh`; scikit-learn's PCA stays in "
-    "float32 on float32 input and is faster there.",
+    "- `pca` is numpy, not numba: a top-k solver in the input's dtype (float32 stays float32), "
+    "blocked scatter + eigh/subspace iteration up to 1,024 features, randomized subspace "
+    "iteration above (see benchmarks/bench_detect.py --task pca).",
     "- The empty-cache COLD figure is compilation, paid once per user and source version "
     "(cache files beside the module; NUMBA_CACHE_DIR on a read-only install).",
 ]
