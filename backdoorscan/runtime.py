@@ -143,8 +143,7 @@ def per_sample(out: object, n: int, what: str, start: int = 0) -> np.ndarray:
 
     Logits must be finite floating-point scores: the predicted classes are their argmax, and
     the argmax of NaN, of Inf or of integer outputs (class indices, say) means nothing.
-    ``start`` is the index of the batch's first sample, for the message. (The same checks as
-    ``scanner.extract._per_sample``, which ``extract`` applies to its own passes.)
+    ``start`` is the index of the batch's first sample, for the message.
     """
     arr = np.asarray(out)
     if arr.dtype.kind not in "biuf":

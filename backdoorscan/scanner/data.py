@@ -291,7 +291,7 @@ def conform(
     top = int(ds.y.max())
     if num_classes is not None and top >= num_classes:
         raise DataError(f"labels go up to {top} but the model has {num_classes} classes")
-    if top >= MAX_CLASSES:
+    if num_classes is None and top >= MAX_CLASSES:
         raise DataError(
             f"labels go up to {top}: too large a class index for the model (its number of "
             f"classes is not known before it runs; backdoorscan takes class indices below "

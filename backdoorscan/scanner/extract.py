@@ -20,6 +20,7 @@ from backdoorscan.runtime import (  # noqa: F401 - re-exported: they live in run
     _quiet_run,
     _quiet_stderr,
     make_session,
+    per_sample,
     predict_classes,
     session_provider,
 )
@@ -44,37 +45,6 @@ class Activations:
     layer: str
     num_classes: int
     sketch: np.ndarray | None = None
-
-
-def _per_sample(out: object, n: int, what: str, start: int = 0) -> np.ndarray:
-    """A model output as ``[n, values]`` numbers; a hostile graph may return anything.
-
-    Logits must be finite floating-point scores: the predicted classes are their argmax, and
-    the argmax of NaN, of Inf or of integer outputs (class indices, say) means nothing.
-    ``start`` is the index of the batch's first sample, for the message.
-    """
-    arr = np.asarray(out)
-    if arr.dtype.kind not in "biuf":
-        raise ExtractionError(f"the model's {what} output has dtype {arr.dtype}, not numbers")
-    if arr.size == 0 or arr.size % n:
-        raise ExtractionError(
-            f"the model's {what} output has shape {arr.shape} for a batch of {n} samples; "
-            "expected one row of values per sample"
-        )
-    arr = arr.reshape(n, -1)
-    if what == "logits" and arr.dtype.kind != "f":
-        raise ExtractionError(
-            f"the model's logits output has dtype {arr.dtype}, not floating point: "
-            "backdoorscan needs the class scores (logits or probabilities), not class indices"
-        )
-    if what == "logits" and not np.isfinite(arr).all():
-        row = int(np.flatnonzero(~np.isfinite(arr).all(axis=1))[0])
-        kind = "NaN" if np.isnan(arr[row]).any() else "infinite"
-        raise ExtractionError(
-            f"the model gave {kind} logits for sample {start + row}: class scores that are not "
-            "finite numbers cannot be scanned"
-        )
-    return arr
 
 
 def extract(
@@ -111,10 +81,10 @@ def extract(
         except Exception as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ExtractionError(f"the model failed on samples {start}..: {first}") from None
-        feats = _per_sample(feats, len(xb), "features", start)
+        feats = per_sample(feats, len(xb), "features", start)
         if not np.isfinite(feats).all():  # before the logits: the layer is the first cause
             raise ExtractionError("the model produced NaN or Inf activations on this data")
-        logits = _per_sample(logits, len(xb), "logits", start)
+        logits = per_sample(logits, len(xb), "logits", start)
         if features is None:
             features = np.empty((n, feats.shape[1]), dtype=np.float32)
         elif feats.shape[1] != features.shape[1]:

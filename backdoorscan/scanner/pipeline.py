@@ -165,9 +165,11 @@ def prepare(
             )
         adapter = adapters.load(source, **kwargs)
         return Prepared(adapter.to_onnx(opts.layer), adapter, None, source, sha)
+    from backdoorscan.sandbox import export_cached
+
     worker = open_worker(source, ropts)
     try:
-        export = worker.export(source, opts.layer, **kwargs)
+        export = export_cached(worker, source, opts.layer, **kwargs)
     except BaseException:
         worker.close()
         raise
