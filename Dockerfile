@@ -37,7 +37,9 @@ RUN --mount=type=secret,id=pip.conf,target=/etc/pip.conf \
 FROM ${BASE}
 ARG BASE
 ARG GPU=0
-ARG VERSION=0.1.0
+# The package's version, from backdoorscan/_version.py (its one source):
+#   --build-arg VERSION="$(sed -n 's/^__version__ = "\(.*\)"/\1/p' backdoorscan/_version.py)"
+ARG VERSION=unset
 LABEL org.opencontainers.image.title="backdoorscan" \
       org.opencontainers.image.description="Detects backdoor (data-poisoning) attacks in neural networks with Activation Clustering" \
       org.opencontainers.image.version="${VERSION}" \
