@@ -40,6 +40,37 @@ class ExtractionError(RuntimeError):
     """The model could not be run on the data; the message says why."""
 
 
+def session_options(
+    *, threads: int | None = None, spin: bool = True, optimized: bool = True
+) -> object:
+    """The SessionOptions every session here is made with: quiet logs, ``threads`` intra-op
+    threads (None: ONNX Runtime's default), spinning idle threads unless ``spin`` is False,
+    graph optimisations unless ``optimized`` is False."""
+    import onnxruntime as ort
+
+    # The GPU build logs library-load errors on machines without CUDA; only errors that
+    # stop the session matter here, and those raise.
+    ort.set_default_logger_severity(3)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+    if not spin:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    if not optimized:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return options
+
+
+def cpu_session(model_bytes: bytes, *, optimized: bool = True) -> object:
+    """A CPU session of a graph as it is (the adapters check their exports with it)."""
+    import onnxruntime as ort
+
+    options = session_options(optimized=optimized)
+    return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
+
+
 def make_session(
     export: OnnxExport, device: str = "auto", *, threads: int | None = None, spin: bool = True
 ) -> object:
@@ -54,16 +85,7 @@ def make_session(
         raise ExtractionError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)}")
     import onnxruntime as ort
 
-    # The GPU build logs library-load errors on machines without CUDA; only errors that
-    # stop the session matter here, and those raise.
-    ort.set_default_logger_severity(3)
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    if threads:
-        options.intra_op_num_threads = threads
-    if not spin:
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    options = session_options(threads=threads, spin=spin)
     available = ort.get_available_providers()
     providers = ["CPUExecutionProvider"]
     if device in ("auto", "cuda") and "CUDAExecutionProvider" in available:

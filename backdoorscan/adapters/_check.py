@@ -48,14 +48,9 @@ def sample_batch(
 
 def session(model_bytes: bytes, *, optimized: bool = True) -> onnxruntime.InferenceSession:
     """A CPU ONNX Runtime session; unoptimised on request, to check that fusion kept a tensor."""
-    import onnxruntime as ort
+    from backdoorscan.runtime import cpu_session
 
-    ort.set_default_logger_severity(3)
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    if not optimized:
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
+    return cpu_session(model_bytes, optimized=optimized)  # type: ignore[return-value]
 
 
 def data_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:

@@ -33,7 +33,6 @@ _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 # Initializers larger than this are replaced by typed inputs before shape inference, so that
 # estimating never copies a model's weights.
 _BIG_INITIALIZER = 4096
-_ITEMSIZE = {1: 4, 2: 1, 3: 1, 4: 2, 5: 2, 6: 4, 7: 8, 9: 1, 10: 2, 11: 8, 12: 4, 13: 8, 16: 2}
 
 
 class MemoryBudgetError(ExtractionError):
@@ -93,6 +92,8 @@ def activation_sizes(export: OnnxExport) -> ActivationSizes:
     """Declared tensor sizes of the exported graph (its big weights left out of the inference)."""
     import onnx
 
+    from backdoorscan.onnx_graph import ITEMSIZE
+
     out = ActivationSizes(feature_dim=export.feature_dim)
     try:
         model = onnx.load_from_string(export.model_bytes)
@@ -107,7 +108,7 @@ def activation_sizes(export: OnnxExport) -> ActivationSizes:
         if not tt.HasField("shape") or not tt.shape.dim:
             continue
         dims = list(tt.shape.dim)
-        item = _ITEMSIZE.get(tt.elem_type, 4)
+        item = ITEMSIZE.get(tt.elem_type, 4)
         rest = [d.dim_value if d.HasField("dim_value") else None for d in dims[1:]]
         if dims[0].HasField("dim_value"):
             if None not in rest:
