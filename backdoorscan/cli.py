@@ -69,6 +69,20 @@ def cli() -> None:
 )
 @model_options
 @isolation_options
+@click.option(
+    "--engine",
+    type=click.Choice(["local", "ray"]),
+    default="local",
+    show_default=True,
+    help="ray: run the extraction in Ray Data actors (pip install 'backdoorscan[ray]'; needs "
+    "--trust-model for a model file); the per-class analysis stays in this process.",
+)
+@click.option(
+    "--ray-address",
+    metavar="ADDRESS",
+    help="Ray cluster to join (auto, ray://host:10001); default: a local instance on this "
+    "machine's cores.",
+)
 @detect_options
 @exre_options
 @output_options
@@ -90,6 +104,8 @@ def scan(
     layer: str | None,
     timeout: float,
     trust_model: bool,
+    engine: str,
+    ray_address: str | None,
     fmt: str,
     output: Path | None,
     quiet: bool,
@@ -103,6 +119,7 @@ def scan(
       backdoorscan scan model.onnx --data x.npy --labels y.npy --scale 0.00392 \\
         --format json -o report.json
       backdoorscan scan weights.pt --arch mypkg.models:Net --input-shape 1,28,28 --data train.npz
+      backdoorscan scan model.onnx --data 'shards/train-*.npz' --engine ray --trust-model
     """
     from backdoorscan.scanner.pipeline import Progress
     from backdoorscan.scanner.pipeline import scan as run_scan
@@ -110,8 +127,9 @@ def scan(
     exre = pop_exre_config(detect_kw)
     cfg = build_detect_config(**detect_kw)
     opts = build_run_options(
-        device, batch_size, max_memory, scale, mean, std, x_key, y_key, timeout, trust_model
-    )
+        device, batch_size, max_memory, scale, mean, std, x_key, y_key, timeout, trust_model,
+        engine, ray_address,
+    )  # fmt: skip
     mopts = build_model_options(layer, arch, arch_kwargs, input_shape)
     refuse_overwrite(output, model, data_path, labels)
     with errors(), progress_bar(not quiet) as (start, step):

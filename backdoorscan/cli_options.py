@@ -94,7 +94,8 @@ def data_options(fn: Callable[..., Any]) -> Callable[..., Any]:
             "data_path",
             required=True,
             type=click.Path(path_type=Path),
-            help="Training data: .npz with arrays x and y, or .npy samples with --labels.",
+            help="Training data: .npz with arrays x and y, or .npy samples with --labels, or "
+            "a quoted glob of .npz shards ('shards/train-*.npz', taken in sorted order).",
         ),
         click.option(
             "--labels", type=click.Path(path_type=Path), help="Labels .npy, with --data x.npy."
@@ -201,13 +202,19 @@ def build_run_options(
     y_key: str,
     timeout: float | None = 600.0,
     trust_model: bool = False,
+    engine: str = "local",
+    ray_address: str | None = None,
 ) -> Any:
     """The run options, built once from the command line."""
     from backdoorscan.scanner.config import RunOptions
 
+    if ray_address is not None and engine != "ray":
+        raise click.BadParameter("--ray-address needs --engine ray")
     return RunOptions(
         timeout=timeout,
         trust_model=trust_model,
+        engine=engine,
+        ray_address=ray_address,
         device=device,
         batch_size=batch_size,
         max_memory=max_memory,

@@ -128,8 +128,21 @@ class RunOptions:
     # be loaded in this process (needed to retrain a format that runs its own code).
     timeout: float | None = 600.0
     trust_model: bool = False
+    # Where the extraction runs: "local" (this process) or "ray" (Ray Data actors, see
+    # scanner/ray_engine.py); ray_address: a Ray cluster ("auto", "ray://host:10001"), None
+    # for a local instance on this machine's cores; ray_concurrency: extraction actors (None:
+    # one per CPU Ray offers, at most one per batch).
+    engine: str = "local"
+    ray_address: str | None = None
+    ray_concurrency: int | None = None
 
     def __post_init__(self) -> None:
+        if self.engine not in ("local", "ray"):
+            raise ValueError(f"engine must be local or ray, not {self.engine!r}")
+        if self.engine != "ray" and self.ray_address is not None:
+            raise ValueError("ray_address applies to engine='ray' only")
+        if self.ray_concurrency is not None and self.ray_concurrency < 1:
+            raise ValueError("ray_concurrency must be at least 1 (or None)")
         if self.timeout is not None and self.timeout <= 0:
             raise ValueError("timeout must be positive (or None: no limit)")
         if self.device not in ("auto", "cpu", "cuda"):

@@ -231,7 +231,7 @@ def verify_unchanged(dataset: Dataset, *, rehash: bool = True) -> None:
                 f"{src.role} file {src.path} changed during the scan ({what}); the scan read "
                 "the old content, so no report is written: scan it again once it is stable"
             )
-        want = hashes.get(src.role)
+        want = src.sha256 or hashes.get(src.role)
         if rehash and want is not None and file_sha256(src) != want:
             raise DataError(
                 f"{src.role} file {src.path} changed during the scan (its sha256 differs from "

@@ -41,6 +41,9 @@ class Source:
         self.fh = open(path, "rb", buffering=0)  # noqa: SIM115 - open for the scan's lifetime
         self.lock = threading.Lock()
         self.signature = signature(os.fstat(self.fh.fileno()))
+        # Its sha256 taken before it was read, where it is one shard of several (else the
+        # dataset's ``files`` hold it).
+        self.sha256: str | None = None
 
     def size(self) -> int:
         """The file's size now."""

@@ -36,7 +36,9 @@ from backdoorscan.scanner.data import (
 from backdoorscan.scanner.detect import detect
 from backdoorscan.scanner.exre import ExreConfig, run_exre
 from backdoorscan.scanner.extract import Activations, extract, make_session
+from backdoorscan.scanner.ray_engine import check_trusted, ray_extract
 from backdoorscan.scanner.report import Report
+from backdoorscan.scanner.shards import is_glob, load_shards
 from backdoorscan.scanner.transfer import TransferProbe
 
 __all__ = ["Prepared", "Progress", "list_layers", "load_dataset", "prepare", "run", "scan"]
@@ -116,6 +118,8 @@ def load_dataset(
         return data
     if data is not None:
         limit = opts.max_memory if opts.max_memory is not None else machine_memory()
+        if labels is None and is_glob(data):  # several .npz shards: 'shards/train-*.npz'
+            return load_shards(data, x_key=opts.x_key, y_key=opts.y_key, max_bytes=limit)
         files = _hashes(data=data, labels=labels)  # before the data is read, not after
         ds = load_data(data, labels, x_key=opts.x_key, y_key=opts.y_key, max_bytes=limit)
         ds.files = files
@@ -242,14 +246,19 @@ def run(
     # searches between transfer probes) they starve each other, 2.4x slower on MNIST here
     # (benchmarks/RESULTS.md). The numpy work between model runs is small; one thread does it.
     with threadpool_limits(limits=1, user_api="blas"):
-        acts: Activations = extract(
-            export,
-            dataset,
-            batch_size=opts.batch_size,
-            progress=progress.step if progress is not None else None,
-            session=session,
-            seed=cfg.seed,
-        )
+        step = progress.step if progress is not None else None
+        if opts.engine == "ray":  # extraction in Ray actors; the rest below, here
+            check_trusted(prepared.source if prepared.worker else None, opts.trust_model)
+            acts: Activations = ray_extract(
+                export, dataset, batch_size=opts.batch_size, device=opts.device,
+                address=opts.ray_address, concurrency=opts.ray_concurrency, x_key=opts.x_key,
+                y_key=opts.y_key, seed=cfg.seed, progress=step,
+            )  # fmt: skip
+        else:
+            acts = extract(
+                export, dataset, batch_size=opts.batch_size, progress=step, session=session,
+                seed=cfg.seed,
+            )  # fmt: skip
         timings["extract"] = time.perf_counter() - t
         if int(dataset.y.max()) >= acts.num_classes:
             raise DataError(
@@ -333,6 +342,8 @@ def scan(
     opts, mopts, cfg = split_settings("scan", settings, options, model_options, config)
     t = time.perf_counter()
     ecfg = exre_config(exre, cfg.seed)
+    if opts.engine == "ray":  # refused before the data or the model is read
+        check_trusted(model, opts.trust_model)
     dataset = load_dataset(data, labels, x=x, y=y, options=opts)
     # ExRe 'full' retrains the model, which must then be here rather than in a worker.
     retrain = ecfg is not None and ecfg.method in ("full", "both")
