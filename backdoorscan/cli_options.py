@@ -521,18 +521,23 @@ def pop_exre_config(kw: dict[str, Any]) -> Any:
     return ExreConfig(method=method, threshold=threshold, epochs=epochs, seed=kw.get("seed", 0))
 
 
+def format_option() -> Callable[..., Any]:
+    """``--format``, the same for ``scan``, ``demo`` and ``report``."""
+    return click.option(
+        "--format",
+        "fmt",
+        type=click.Choice(REPORT_FORMATS),
+        default="text",
+        show_default=True,
+        callback=check_format,
+        help=FORMAT_HELP,
+    )
+
+
 def output_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Report format, destination and verbosity."""
     opts = [
-        click.option(
-            "--format",
-            "fmt",
-            type=click.Choice(REPORT_FORMATS),
-            default="text",
-            show_default=True,
-            callback=check_format,
-            help=FORMAT_HELP,
-        ),
+        format_option(),
         click.option(
             "-o",
             "--output",
@@ -560,15 +565,7 @@ vocab_option = click.option(
 def report_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Options of ``backdoorscan report``: the format, the output and the data to draw."""
     opts = [
-        click.option(
-            "--format",
-            "fmt",
-            type=click.Choice(REPORT_FORMATS),
-            default="text",
-            show_default=True,
-            callback=check_format,
-            help=FORMAT_HELP,
-        ),
+        format_option(),
         click.option(
             "-o",
             "--output",
