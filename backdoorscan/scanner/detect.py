@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -42,9 +42,11 @@ from backdoorscan.scanner.report import ClassResult, Report, class_projection
 
 __all__ = [
     "ANALYSES",
+    "ClassWork",
     "DetectConfig",
     "TransferTest",
     "detect",
+    "detect_class",
     "effective_rule",
     "reduce_features",
 ]
@@ -251,6 +253,32 @@ def _votes(
     return {a: test() for a, test in tests.items() if a in analyses}
 
 
+@dataclass
+class ClassWork:
+    """What every class's analysis shares: the settings, the rule applied, the class medians
+    of the features and the transfer test (None without the model)."""
+
+    config: DetectConfig
+    rule: tuple[str, ...]
+    medians: dict[int, np.ndarray]
+    transfer: TransferTest | None = None
+
+
+ClassOutcome = tuple[ClassResult, np.ndarray | None, list[str]]
+
+
+def detect_class(
+    work: ClassWork, label: int, indices: np.ndarray, features: np.ndarray
+) -> ClassOutcome:
+    """One class's analysis as :func:`detect` runs it (``features``: the class's rows, at
+    ``indices``), for engines that run the classes elsewhere: the result, the samples'
+    membership scores (None when skipped) and the reductions FastICA stopped at its cap."""
+    capped: list[str] = []
+    cfg, rule, medians, transfer = work.config, work.rule, work.medians, work.transfer
+    result, scores = _detect_class(label, indices, features, cfg, rule, medians, transfer, capped)
+    return result, scores, capped
+
+
 def effective_rule(cfg: DetectConfig, has_transfer: bool) -> tuple[str, ...]:
     """The analyses that decide: ``transfer`` needs the model, so arrays alone fall back."""
     if has_transfer or "transfer" not in cfg.rule:
@@ -266,6 +294,7 @@ def detect(
     *,
     transfer: TransferTest | None = None,
     progress: Callable[[int, int], None] | None = None,
+    class_map: Callable[..., Iterable[ClassOutcome]] | None = None,
     **overrides: Any,
 ) -> Report:
     """Cluster each class's activations and say which samples look like poison.
@@ -275,7 +304,9 @@ def detect(
     which holds the model) returns the share of other classes' samples that the model sends to
     ``label`` once they carry the perturbation the cluster's samples share, and the class the
     cluster's samples resemble; without it the rule falls back to ``fallback_rule``.
-    Keyword ``overrides`` set fields of :class:`DetectConfig`.
+    Keyword ``overrides`` set fields of :class:`DetectConfig`. ``class_map(work, features,
+    [(label, indices), ...])``, when given, runs the classes instead of this process's threads
+    (:func:`detect_class` on each; outcomes in class order): the Ray engine's tasks.
     """
     cfg = config or DetectConfig()
     if overrides:
@@ -320,7 +351,13 @@ def detect(
                 progress(len(outs), len(classes))
 
     with threadpool_limits(limits=1, user_api="blas"):
-        if workers > 1:
+        if class_map is not None:
+            work = ClassWork(cfg, rule, medians, transfer)
+            pairs = list(zip(classes.tolist(), jobs, strict=True))
+            for result, class_scores, cap in class_map(work, features, pairs):
+                capped.extend(cap)
+                collect([(result, class_scores)])
+        elif workers > 1:
             with ThreadPoolExecutor(workers) as pool:
                 collect(pool.map(one, classes, jobs))
         else:
