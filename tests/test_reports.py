@@ -116,7 +116,7 @@ def test_projection_is_small_seeded_and_of_the_class() -> None:
     [(64,), (8, 8), (1, 8, 8), (8, 8, 1), (3, 8, 8), (8, 8, 3), (4, 8, 8), (5, 6, 7), (10,)],
 )
 def test_any_sample_layout_and_range_draws(shape: tuple[int, ...]) -> None:
-    from backdoorscan.scanner.html import _as_images, _mosaic_png, _trigger_png
+    from backdoorscan.scanner.figures import _as_images, _mosaic_png, _trigger_png
 
     x = np.random.default_rng(0).uniform(-300, 800, size=(5, *shape)).astype(np.float32)
     imgs = _as_images(x)
@@ -454,7 +454,7 @@ def test_class_progress_is_one_line_on_a_terminal(monkeypatch: pytest.MonkeyPatc
 def test_html_of_a_cnn_scan_in_either_layout(poisoned_digits: dict, tmp_path: Path) -> None:
     """NCHW samples as given, and the same samples stored NHWC (the scan transposes them per
     batch): both mosaics and the trigger are drawn as 8x8 images."""
-    from backdoorscan.scanner.html import _as_images
+    from backdoorscan.scanner.figures import _as_images
     from backdoorscan.scanner.pipeline import scan
 
     nhwc = tmp_path / "nhwc.npz"
