@@ -19,7 +19,9 @@ import pytest
 import backdoorscan
 from backdoorscan.cli import DEMO_DIR
 from backdoorscan.scanner.data import DataError
+from backdoorscan.scanner.pipeline import Prepared
 from backdoorscan.scanner.ray_engine import RayEngineError
+from backdoorscan.scanner.transfer import TransferProbe
 
 DEMO_MODEL, DEMO_DATA = DEMO_DIR / "demo.onnx", DEMO_DIR / "demo.npz"
 FIGURES = ("label", "n_samples", "verdict", "cluster_sizes", "transfer", "n_flagged")
@@ -67,15 +69,31 @@ def test_local_scan_of_shards_equals_the_unsharded_scan(
 
 
 def test_ray_scan_equals_the_local_scan(
-    local_ray: object, shards: Path, unsharded: backdoorscan.Report
+    local_ray: object, shards: Path, unsharded: backdoorscan.Report, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     local = backdoorscan.scan(str(DEMO_MODEL), data=str(shards), trust_model=True)
+
+    def not_here(*args: object, **kwargs: object) -> None:
+        raise AssertionError("run on the driver")
+
+    # The classes, the transfer test and every model query run in Ray's workers: the driver's
+    # own per-class analysis, probe and session may not be called.
+    monkeypatch.setattr("backdoorscan.scanner.detect._detect_class", not_here)
+    monkeypatch.setattr(TransferProbe, "__call__", not_here)
+    monkeypatch.setattr(Prepared, "session", not_here)
     on_ray = backdoorscan.scan(str(DEMO_MODEL), data=str(shards), engine="ray", trust_model=True)
+    monkeypatch.undo()
     assert on_ray.poisoned_classes == local.poisoned_classes == [1]
     np.testing.assert_array_equal(on_ray.flagged_indices, local.flagged_indices)
     np.testing.assert_array_equal(on_ray.flagged_indices, unsharded.flagged_indices)
     assert figures(on_ray) == figures(local) == figures(unsharded)
     assert on_ray.data["model_agreement"] == local.data["model_agreement"]
+    np.testing.assert_allclose(on_ray.scores, local.scores, rtol=1e-12)
+    for mine, theirs in zip(on_ray.classes, local.classes, strict=True):
+        assert mine.transfer_rates == pytest.approx(theirs.transfer_rates)
+        assert (mine.separation, mine.silhouette) == pytest.approx(
+            (theirs.separation, theirs.silhouette)
+        )
 
 
 def test_ray_extraction_gives_the_local_arrays(local_ray: object, shards: Path) -> None:

@@ -131,10 +131,14 @@ class RunOptions:
     # Where the extraction runs: "local" (this process) or "ray" (Ray Data actors, see
     # scanner/ray_engine.py); ray_address: a Ray cluster ("auto", "ray://host:10001"), None
     # for a local instance on this machine's cores; ray_concurrency: extraction actors (None:
-    # one per CPU Ray offers, at most one per batch).
+    # one per CPU Ray offers, at most one per batch); ray_spill_dir: where the extraction's
+    # outputs are spilled (None: the temporary folder; a cluster needs a path every node sees)
+    # when they are at least ray_spill_above bytes (0: always, None: never).
     engine: str = "local"
     ray_address: str | None = None
     ray_concurrency: int | None = None
+    ray_spill_dir: str | None = None
+    ray_spill_above: int | None = 1 << 30
 
     def __post_init__(self) -> None:
         if self.engine not in ("local", "ray"):

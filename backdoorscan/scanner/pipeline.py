@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,7 @@ from backdoorscan.scanner.data import (
 from backdoorscan.scanner.detect import detect
 from backdoorscan.scanner.exre import ExreConfig, run_exre
 from backdoorscan.scanner.extract import Activations, extract, make_session
-from backdoorscan.scanner.ray_engine import check_trusted, ray_extract
+from backdoorscan.scanner.ray_engine import RayRun, check_trusted
 from backdoorscan.scanner.report import Report
 from backdoorscan.scanner.shards import is_glob, load_shards
 from backdoorscan.scanner.transfer import TransferProbe
@@ -240,19 +241,24 @@ def run(
     t = time.perf_counter()
     if progress is not None and progress.start is not None:
         progress.start(len(dataset))
-    session = prepared.session(opts.device, threads=cfg.n_jobs or None)
+    on_ray = None  # Ray runs the extraction, the classes and the model's transfer queries
+    if opts.engine == "ray":
+        check_trusted(prepared.source if prepared.worker else None, opts.trust_model)
+        on_ray = RayRun(
+            opts.ray_address, device=opts.device, concurrency=opts.ray_concurrency,
+            spill_dir=opts.ray_spill_dir, spill_above=opts.ray_spill_above,
+        )  # fmt: skip
+    session = None if on_ray else prepared.session(opts.device, threads=cfg.n_jobs or None)
     # ONNX Runtime's thread pool and the BLAS library's would each take every core, and both
     # spin while they wait: interleaved (the input sketch between batches, the neighbour
     # searches between transfer probes) they starve each other, 2.4x slower on MNIST here
     # (benchmarks/RESULTS.md). The numpy work between model runs is small; one thread does it.
-    with threadpool_limits(limits=1, user_api="blas"):
+    with on_ray or nullcontext(), threadpool_limits(limits=1, user_api="blas"):
         step = progress.step if progress is not None else None
-        if opts.engine == "ray":  # extraction in Ray actors; the rest below, here
-            check_trusted(prepared.source if prepared.worker else None, opts.trust_model)
-            acts: Activations = ray_extract(
-                export, dataset, batch_size=opts.batch_size, device=opts.device,
-                address=opts.ray_address, concurrency=opts.ray_concurrency, x_key=opts.x_key,
-                y_key=opts.y_key, seed=cfg.seed, progress=step,
+        if on_ray is not None:
+            acts: Activations = on_ray.extract(
+                export, dataset, batch_size=opts.batch_size, x_key=opts.x_key, y_key=opts.y_key,
+                seed=cfg.seed, progress=step,
             )  # fmt: skip
         else:
             acts = extract(
@@ -265,8 +271,10 @@ def run(
                 f"labels go up to {int(dataset.y.max())} but the model has "
                 f"{acts.num_classes} classes"
             )
-        probe = None
-        if acts.sketch is not None and "transfer" in cfg.rule:
+        probe: Any = None
+        if acts.sketch is not None and "transfer" in cfg.rule and on_ray is not None:
+            probe = on_ray.probe(export, dataset, acts, cfg, opts.x_key, opts.y_key)
+        elif acts.sketch is not None and "transfer" in cfg.rule:
             probe = TransferProbe(session, export, dataset, acts.sketch, cfg, acts.predictions)
         report = detect(
             acts.features,
@@ -274,6 +282,7 @@ def run(
             cfg,
             transfer=probe,
             progress=progress.classes if progress is not None else None,
+            class_map=on_ray.class_map if on_ray is not None else None,
         )
     timings.update(report.timings)
     report.timings = timings

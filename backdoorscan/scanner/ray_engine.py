@@ -1,28 +1,44 @@
-"""The extraction pass on Ray: ``scan(..., engine="ray")``, ``--engine ray``.
+"""The scan on Ray: ``scan(..., engine="ray")``, ``--engine ray``.
 
-What runs where:
+What runs where (:class:`RayRun` holds Ray up for one scan):
 
-- **Ray actors** (Ray Data ``map_batches`` over :class:`_Extractor`, ``concurrency`` actors,
-  one CPU each, one GPU each where the cluster has them and ``device`` allows): each builds
-  one ONNX Runtime session from the export's bytes (sessions cannot be pickled; the export is
-  an ONNX graph, never the model file), opens the data files itself (no central copy of the
-  samples: the driver sends only ``(start, stop)`` ranges) and returns features, predicted
-  classes and the input sketch of its batches.
-- **The driver** (this process) gathers them into arrays in the global sample order, then
-  runs the per-class detection and the transfer test's model queries locally, on a session of
-  the same export (:func:`backdoorscan.scanner.pipeline.run`).
+- **Extraction actors** (Ray Data ``map_batches`` over :class:`_Extractor`, ``concurrency``
+  actors, one CPU each, one GPU each where the cluster has them and ``device`` allows): each
+  builds one ONNX Runtime session from the export's bytes (sessions cannot be pickled; the
+  export is an ONNX graph, never the model file), opens the data files itself (the driver
+  sends only ``(start, stop)`` ranges) and returns the features, predicted classes and input
+  sketch of its batches: through the object store when the scan's outputs are smaller than
+  ``spill_above`` bytes, else written to a spill folder, one file per batch, that the driver
+  gathers into memory-mapped arrays and deletes (the folder goes when the scan ends, on error
+  or interrupt too).
+- **Per-class tasks** (:func:`_class_task`, one CPU each) run
+  :func:`~backdoorscan.scanner.detect.detect_class`, the local scan's own per-class analysis
+  and kernels, on the class's rows; :func:`~backdoorscan.scanner.detect.detect` on the driver
+  hands the classes out (its ``class_map``) and assembles the report.
+- **One model actor** (:class:`_ModelActor`) serves the transfer test's model queries: one
+  session, the data, the input sketch and the
+  :class:`~backdoorscan.scanner.transfer.TransferProbe` that the tasks call through
+  :class:`RemoteProbe`. No process loads the model twice; the driver runs no session.
+- **The driver** keeps the labels, the gathered features (it cuts them by class and takes the
+  class medians), the predictions and the report.
 
 The batches are the local engine's (``batch_size`` rows from sample 0), each projected with
-the same seeded sketch, so the features, and hence the report, equal the single-machine
-scan's. The actors run outside the model worker's seccomp and Landlock confinement: a model
-file is scanned on Ray only with ``trust_model`` (see SECURITY.md). Ray is imported here
-only, inside functions: ``import backdoorscan`` never imports it.
+the same seeded sketch, and every class is seeded as in the local scan, so the report equals
+the single-machine scan's. Actors and tasks run outside the model worker's seccomp and
+Landlock confinement: a model file is scanned on Ray only with ``trust_model`` (see
+SECURITY.md). Ray is imported here only, inside functions: ``import backdoorscan`` never
+imports it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable
+import os
+import shutil
+import tempfile
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,11 +47,20 @@ import numpy as np
 
 from backdoorscan.adapters.base import OnnxExport
 from backdoorscan.runtime import ExtractionError, _quiet_run, make_session, per_sample
+from backdoorscan.scanner.config import DetectConfig
 from backdoorscan.scanner.data import Dataset, from_arrays, load_data
+from backdoorscan.scanner.detect import ClassOutcome, ClassWork, detect_class
 from backdoorscan.scanner.extract import Activations
 from backdoorscan.scanner.sketch import InputSketch
+from backdoorscan.scanner.transfer import TransferProbe, TransferResult, Trigger
 
-__all__ = ["RayEngineError", "check_trusted", "data_spec", "ray_extract"]
+__all__ = ["RayEngineError", "RayRun", "RemoteProbe", "check_trusted", "data_spec", "ray_extract"]
+
+# The extraction's outputs (features, predictions, sketch) of a scan at least this large go
+# through a spill folder rather than Ray's object store.
+SPILL_ABOVE = 1 << 30
+# Threads of the model actor: the class tasks' transfer queries it serves at once.
+MODEL_ACTOR_THREADS = 4
 
 
 class RayEngineError(ExtractionError):
@@ -103,8 +128,11 @@ class _Extractor:
     """A Ray Data actor: one ONNX Runtime session and the data, opened once; each call runs
     the ``(start, stop)`` ranges of its batch and returns one row per sample."""
 
-    def __init__(self, export: OnnxExport, spec: DataSpec, device: str, sketch: dict) -> None:
+    def __init__(
+        self, export: OnnxExport, spec: DataSpec, device: str, sketch: dict, spill: str | None
+    ) -> None:
         self.export = export
+        self.spill = spill
         self.session = make_session(export, device, threads=1)
         self.data = spec.open()
         self.sketch_dim = int(sketch["dim"])
@@ -124,7 +152,17 @@ class _Extractor:
         from backdoorscan.runtime import session_provider
 
         result["provider"] = np.array([session_provider(self.session)] * len(result["index"]))
-        return result
+        if self.spill is None:
+            return result
+        # Spilled: the rows go to a file; one row per batch travels, naming it.
+        idx = result["index"]
+        path = os.path.join(self.spill, f"rows-{int(idx[0]):012d}-{int(idx[-1]) + 1:012d}.npz")
+        np.savez(path, **{k: result[k] for k in ("index", "features", "pred", "sketch")})
+        return {
+            "path": np.array([path]),
+            "classes": result["classes"][:1],
+            "provider": result["provider"][:1],
+        }
 
     def _run(self, start: int, stop: int, out: dict[str, list[np.ndarray]]) -> None:
         """One batch, checked as :func:`backdoorscan.scanner.extract.extract` checks it."""
@@ -154,6 +192,76 @@ class _Extractor:
             out["sketch"].append(np.zeros((len(xb), 1), dtype=np.float32))
 
 
+class _ModelActor:
+    """The transfer test's model queries for the per-class tasks: one session, the data and
+    the input sketch, opened once; :class:`RemoteProbe` calls its methods."""
+
+    def __init__(
+        self,
+        export: OnnxExport,
+        spec: DataSpec,
+        device: str,
+        sketch: np.ndarray,
+        predictions: np.ndarray,
+        config: DetectConfig,
+    ) -> None:
+        self.session = make_session(export, device, threads=1)
+        self.data = spec.open()
+        self.probe = TransferProbe(self.session, export, self.data, sketch, config, predictions)
+
+    def transfer(self, cluster: np.ndarray, label: int, seed: int) -> TransferResult:
+        """The probe's transfer test of a cluster."""
+        with _one_blas_thread():
+            return self.probe(cluster, label, seed)
+
+    def trigger(self, cluster: np.ndarray, seed: int) -> Trigger | None:
+        """The probe's sharper trigger estimate."""
+        with _one_blas_thread():
+            return self.probe.trigger(cluster, seed)
+
+    def trigger_scores(self, indices: np.ndarray, trigger: Trigger) -> np.ndarray:
+        """How strongly each sample at ``indices`` carries ``trigger``."""
+        with _one_blas_thread():
+            return self.probe.trigger_scores(indices, trigger)
+
+
+class RemoteProbe:
+    """The transfer test for :func:`detect_class` in a Ray task: each call is answered by the
+    model actor (a :class:`~backdoorscan.scanner.detect.TransferTest`)."""
+
+    def __init__(self, actor: Any) -> None:
+        self.actor = actor
+
+    def __call__(self, indices: np.ndarray, label: int, seed: int) -> TransferResult:
+        import ray
+
+        return ray.get(self.actor.transfer.remote(indices, label, seed))
+
+    def trigger(self, indices: np.ndarray, seed: int) -> Trigger | None:
+        """The cluster's shared perturbation, sharply estimated (None if there is none)."""
+        import ray
+
+        return ray.get(self.actor.trigger.remote(indices, seed))
+
+    def trigger_scores(self, indices: np.ndarray, trigger: Trigger) -> np.ndarray:
+        """How strongly each sample at ``indices`` carries ``trigger``."""
+        import ray
+
+        return ray.get(self.actor.trigger_scores.remote(indices, trigger))
+
+
+def _one_blas_thread() -> Any:
+    from threadpoolctl import threadpool_limits
+
+    return threadpool_limits(limits=1, user_api="blas")
+
+
+def _class_task(work: ClassWork, label: int, indices: np.ndarray, features: np.ndarray) -> Any:
+    """A Ray task: one class's analysis, as the local scan runs it."""
+    with _one_blas_thread():
+        return detect_class(work, label, indices, features)
+
+
 def _import_ray() -> Any:
     try:
         import ray
@@ -173,6 +281,147 @@ def _first_line(exc: BaseException) -> str:
     return lines[-1] if lines else type(cause).__name__
 
 
+class RayRun:
+    """Ray, up for one scan: entered, Ray is initialised unless it already is (``address``: a
+    cluster such as ``auto``; None: a local instance on this machine's cores); left (on error
+    or interrupt too), the model actor is ended, Ray shut down if it was started here, and the
+    spill folder removed.
+
+    ``spill_dir``: where the spill folder is made (None: the system's temporary folder; on a
+    cluster, a path every node sees); ``spill_above``: outputs of at least this many bytes are
+    spilled (0: always; None: never).
+    """
+
+    def __init__(
+        self,
+        address: str | None = None,
+        *,
+        device: str = "cpu",
+        concurrency: int | None = None,
+        spill_dir: str | Path | None = None,
+        spill_above: int | None = SPILL_ABOVE,
+    ) -> None:
+        self.address = address
+        self.device = device
+        self.concurrency = concurrency
+        self.spill_dir = spill_dir
+        self.spill_above = spill_above
+        self.ray: Any = None
+        self.started = False
+        self.folder: Path | None = None
+        self._actors: list[Any] = []
+        self._specs: dict[int, DataSpec] = {}
+
+    def __enter__(self) -> RayRun:
+        self.ray = _import_ray()
+        if not self.ray.is_initialized():
+            self.ray.init(
+                address=self.address, include_dashboard=False, log_to_driver=False,
+                configure_logging=False,
+            )  # fmt: skip
+            self.started = True
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            for actor in self._actors:
+                with contextlib.suppress(Exception):  # already gone
+                    self.ray.kill(actor)
+            self._actors.clear()
+            if self.started:
+                self.ray.shutdown()
+                self.started = False
+        finally:
+            if self.folder is not None:
+                shutil.rmtree(self.folder, ignore_errors=True)
+                self.folder = None
+
+    def spec(self, dataset: Dataset, x_key: str = "x", y_key: str = "y") -> DataSpec:
+        """The dataset's :class:`DataSpec` (its arrays put in the object store once)."""
+        if id(dataset) not in self._specs:
+            self._specs[id(dataset)] = data_spec(dataset, x_key, y_key)
+        return self._specs[id(dataset)]
+
+    def extract(
+        self,
+        export: OnnxExport,
+        dataset: Dataset,
+        *,
+        batch_size: int = 256,
+        x_key: str = "x",
+        y_key: str = "y",
+        sketch_dim: int = 64,
+        seed: int = 0,
+        progress: Callable[[int], None] | None = None,
+    ) -> Activations:
+        """Features, predictions and the input sketch from the extraction actors: the arrays
+        :func:`~backdoorscan.scanner.extract.extract` gives for the same batches and seed."""
+        if batch_size < 1:
+            raise ExtractionError("--batch-size must be at least 1")
+        n = len(dataset)
+        spill = None
+        row_bytes = 4 * ((export.feature_dim or 0) + sketch_dim) + 8
+        if self.spill_above is not None and n * row_bytes >= self.spill_above:
+            if self.folder is None:
+                self.folder = Path(tempfile.mkdtemp(prefix="backdoorscan-ray-", dir=self.spill_dir))
+            spill = self.folder
+        return _extract(
+            self.ray, export, dataset, batch_size, self.device, self.concurrency,
+            self.spec(dataset, x_key, y_key), sketch_dim, seed, progress, spill,
+        )  # fmt: skip
+
+    def probe(
+        self,
+        export: OnnxExport,
+        dataset: Dataset,
+        acts: Activations,
+        config: DetectConfig,
+        x_key: str = "x",
+        y_key: str = "y",
+    ) -> RemoteProbe:
+        """The transfer test, served by one model actor started here."""
+        ray = self.ray
+        gpus = int(ray.cluster_resources().get("GPU", 0))
+        actor_class = ray.remote(
+            num_cpus=1, num_gpus=1 if gpus and self.device != "cpu" else 0,
+            max_concurrency=MODEL_ACTOR_THREADS,
+        )(_ModelActor)  # fmt: skip
+        actor = actor_class.remote(
+            export, self.spec(dataset, x_key, y_key), self.device,
+            ray.put(np.asarray(acts.sketch)), ray.put(np.asarray(acts.predictions)), config,
+        )  # fmt: skip
+        self._actors.append(actor)
+        return RemoteProbe(actor)
+
+    def class_map(
+        self, work: ClassWork, features: np.ndarray, pairs: Sequence[tuple[int, np.ndarray]]
+    ) -> Iterator[ClassOutcome]:
+        """``detect(..., class_map=)``: each class a Ray task, at most two per CPU in flight
+        (their rows in the object store), outcomes in class order."""
+        ray = self.ray
+        task = ray.remote(num_cpus=1)(_class_task)
+        work_ref = ray.put(work)
+        window = max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
+        pending: deque[Any] = deque()
+        try:
+            for label, idx in pairs:
+                rows = np.ascontiguousarray(features[idx])
+                pending.append(task.remote(work_ref, label, idx, rows))
+                while len(pending) >= window:
+                    yield self._outcome(pending.popleft())
+            while pending:
+                yield self._outcome(pending.popleft())
+        finally:
+            for ref in pending:
+                ray.cancel(ref, force=True)
+
+    def _outcome(self, ref: Any) -> ClassOutcome:
+        try:
+            return self.ray.get(ref)
+        except self.ray.exceptions.RayError as exc:
+            raise RayEngineError(f"a per-class task failed on Ray: {_first_line(exc)}") from None
+
+
 def ray_extract(
     export: OnnxExport,
     dataset: Dataset,
@@ -186,30 +435,43 @@ def ray_extract(
     sketch_dim: int = 64,
     seed: int = 0,
     progress: Callable[[int], None] | None = None,
+    spill_dir: str | Path | None = None,
+    spill_above: int | None = SPILL_ABOVE,
 ) -> Activations:
-    """Extract features, predictions and the input sketch on Ray; the same arrays as
-    :func:`backdoorscan.scanner.extract.extract` gives for the same batches and seed.
+    """The extraction alone on Ray (:meth:`RayRun.extract`), Ray started for it when it is not
+    yet running."""
+    with RayRun(
+        address, device=device, concurrency=concurrency, spill_dir=spill_dir,
+        spill_above=spill_above,
+    ) as run:  # fmt: skip
+        return run.extract(
+            export, dataset, batch_size=batch_size, x_key=x_key, y_key=y_key,
+            sketch_dim=sketch_dim, seed=seed, progress=progress,
+        )  # fmt: skip
 
-    Ray is initialised here when it is not yet (``address``: a cluster, None: a local
-    instance on this machine's cores), and shut down again after if it was started here.
-    """
-    if batch_size < 1:
-        raise ExtractionError("--batch-size must be at least 1")
-    ray = _import_ray()
-    started = not ray.is_initialized()
-    if started:
-        ray.init(
-            address=address, include_dashboard=False, log_to_driver=False,
-            configure_logging=False,
-        )  # fmt: skip
-    try:
-        return _extract(
-            ray, export, dataset, batch_size, device, concurrency, data_spec(dataset, x_key, y_key),
-            sketch_dim, seed, progress,
-        )  # fmt: skip
-    finally:
-        if started:
-            ray.shutdown()
+
+def _rows(batch: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
+    """The per-sample columns of one output batch: as sent, or read back from (and then
+    deleting) the spill files it names."""
+    if "path" not in batch:
+        yield batch
+        return
+    for path in batch["path"]:
+        with np.load(str(path), allow_pickle=False) as z:
+            part = {k: z[k] for k in ("index", "features", "pred", "sketch")}
+        os.unlink(str(path))
+        yield part
+
+
+def _alloc(shape: tuple[int, int], spill: Path | None, name: str) -> np.ndarray:
+    """A float32 array: in memory, or memory-mapped from a file of the spill folder that is
+    unlinked at once (the mapping keeps it until the array goes)."""
+    if spill is None:
+        return np.empty(shape, dtype=np.float32)
+    path = spill / f"{name}.npy"
+    out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=shape)
+    os.unlink(path)
+    return out
 
 
 def _extract(
@@ -223,6 +485,7 @@ def _extract(
     sketch_dim: int,
     seed: int,
     progress: Callable[[int], None] | None,
+    spill: Path | None,
 ) -> Activations:
     n = len(dataset)
     ranges = [{"start": s, "stop": min(s + batch_size, n)} for s in range(0, n, batch_size)]
@@ -234,9 +497,10 @@ def _extract(
     actors = concurrency or max(1, min(cpus, len(ranges)))
     num_gpus = 1 if gpus and device != "cpu" else 0
     items = ray.data.from_items(ranges, override_num_blocks=len(ranges))
+    sketch_args = {"dim": sketch_dim, "seed": seed}
     mapped = items.map_batches(
         _Extractor,
-        fn_constructor_args=(export, spec, device, {"dim": sketch_dim, "seed": seed}),
+        fn_constructor_args=(export, spec, device, sketch_args, spill and str(spill)),
         batch_size=1,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=actors),
@@ -245,30 +509,30 @@ def _extract(
     )
     features: np.ndarray | None = None
     predictions = np.empty(n, dtype=np.int64)
-    sketch = np.empty((n, sketch_dim), dtype=np.float32) if sketch_dim > 0 else None
+    sketch = _alloc((n, sketch_dim), spill, "sketch") if sketch_dim > 0 else None
     num_classes = 0
     provider = ""
     seen = np.zeros(n, dtype=bool)
     try:
         for batch in mapped.iter_batches(batch_size=None, batch_format="numpy"):
-            idx = batch["index"]
-            feats = batch["features"]
-            if features is None:
-                features = np.empty((n, feats.shape[1]), dtype=np.float32)
-            elif feats.shape[1] != features.shape[1]:
-                raise ExtractionError("the feature size changed between batches")
             classes = np.unique(batch["classes"])
             if len(classes) > 1 or (num_classes and int(classes[0]) != num_classes):
                 raise ExtractionError("the number of logits changed between batches")
             num_classes = int(classes[0])
-            features[idx] = feats
-            predictions[idx] = batch["pred"]
-            if sketch is not None:
-                sketch[idx] = batch["sketch"]
             provider = str(batch["provider"][0])
-            seen[idx] = True
-            if progress is not None:
-                progress(len(idx))
+            for part in _rows(batch):
+                idx, feats = part["index"], part["features"]
+                if features is None:
+                    features = _alloc((n, feats.shape[1]), spill, "features")
+                elif feats.shape[1] != features.shape[1]:
+                    raise ExtractionError("the feature size changed between batches")
+                features[idx] = feats
+                predictions[idx] = part["pred"]
+                if sketch is not None:
+                    sketch[idx] = part["sketch"]
+                seen[idx] = True
+                if progress is not None:
+                    progress(len(idx))
     except ExtractionError:
         raise
     except Exception as exc:  # an actor's error comes wrapped in Ray's exception types
