@@ -96,25 +96,61 @@ def test_ray_scan_equals_the_local_scan(
         )
 
 
-def test_ray_extraction_gives_the_local_arrays(local_ray: object, shards: Path) -> None:
-    """Bit for bit: features, predictions and the input sketch, in the global order."""
+@pytest.mark.parametrize("spill", [False, True], ids=["object-store", "spilled"])
+def test_ray_extraction_gives_the_local_arrays(
+    local_ray: object, shards: Path, tmp_path: Path, spill: bool
+) -> None:
+    """Bit for bit: features, predictions and the input sketch, in the global order, through
+    the object store or through spill files (the spill folder is gone afterwards)."""
     from backdoorscan.scanner.data import conform
     from backdoorscan.scanner.extract import extract
     from backdoorscan.scanner.pipeline import load_dataset, prepare
     from backdoorscan.scanner.ray_engine import ray_extract
 
     ds = load_dataset(str(shards))
+    seen: list[list[str]] = []
+
+    def look(n: int) -> None:  # what the spill folder holds while batches come in
+        seen.append([p.name for p in tmp_path.rglob("*")])
+
     try:
         export = prepare(backdoorscan.adapters.load(DEMO_MODEL)).export
         conform(ds, export.input_shape, export.input_dtype, export.num_classes)
         here = extract(export, ds, batch_size=300, device="cpu", seed=3)
-        there = ray_extract(export, ds, batch_size=300, device="cpu", seed=3, concurrency=2)
+        there = ray_extract(
+            export, ds, batch_size=300, device="cpu", seed=3, concurrency=2, progress=look,
+            spill_dir=tmp_path, spill_above=0 if spill else None,
+        )  # fmt: skip
     finally:
         ds.close()
     np.testing.assert_array_equal(there.features, here.features)
     np.testing.assert_array_equal(there.predictions, here.predictions)
     np.testing.assert_array_equal(there.sketch, here.sketch)
     assert there.num_classes == here.num_classes
+    assert any(any(name.startswith("rows-") for name in names) for names in seen) == spill
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_interrupted_ray_extraction_leaves_no_spill_files(
+    local_ray: object, shards: Path, tmp_path: Path
+) -> None:
+    from backdoorscan.scanner.pipeline import load_dataset, prepare
+    from backdoorscan.scanner.ray_engine import ray_extract
+
+    def interrupt(n: int) -> None:
+        raise KeyboardInterrupt
+
+    ds = load_dataset(str(shards))
+    try:
+        export = prepare(backdoorscan.adapters.load(DEMO_MODEL)).export
+        with pytest.raises(KeyboardInterrupt):
+            ray_extract(
+                export, ds, batch_size=300, device="cpu", progress=interrupt, spill_dir=tmp_path,
+                spill_above=0,
+            )  # fmt: skip
+    finally:
+        ds.close()
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_ray_engine_refuses_an_untrusted_model_file(shards: Path) -> None:
