@@ -143,6 +143,7 @@ def scan(
             exre=exre,
             progress=Progress(start, step, class_progress(not quiet)),
         )
+    report.command = _command_line()
     emit(report, fmt, output, quiet)
     sys.exit(report.exit_code)
 
@@ -303,6 +304,7 @@ def repair(
             config=cfg,
             repair_config=rcfg,
         )
+    report.command = _command_line()
     emit(report, fmt, report_path, quiet)
     sys.exit(exit_code(report))
 
@@ -341,6 +343,7 @@ def demo(fmt: str, output: Path | None, quiet: bool) -> None:
         f"demo truth: {int(truth.sum())} poisoned samples (7s with the trigger, labelled 1); "
         f"flagged {int(flagged.sum())}, precision {precision:.2f}, recall {recall:.2f}"
     )
+    report.command = _command_line()
     emit(report, fmt, output, quiet)
     sys.exit(report.exit_code)
 
@@ -475,6 +478,14 @@ def report_cmd(
     sys.exit(report.exit_code)
 
 
+def _command_line() -> str | None:
+    """The command line of this run, shell-quoted, as ``main`` received it (None elsewhere)."""
+    import shlex
+
+    argv = click.get_current_context().find_root().obj
+    return shlex.join(["backdoorscan", *argv]) if isinstance(argv, list) else None
+
+
 def _on_signal(signum: int, _frame: object) -> None:
     raise KeyboardInterrupt(signal.Signals(signum).name)
 
@@ -483,7 +494,10 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point: run the CLI and map every outcome to the documented exit codes."""
     signal.signal(signal.SIGTERM, _on_signal)
     try:
-        rv = cli.main(args=argv, prog_name="backdoorscan", standalone_mode=False)
+        args = sys.argv[1:] if argv is None else [str(a) for a in argv]
+        # The command line goes into the report (_command_line).
+        rv = cli.main(args=args, prog_name="backdoorscan", standalone_mode=False,
+                      obj=args)  # fmt: skip
     except click.exceptions.NoArgsIsHelpError as exc:
         click.echo(exc.ctx.get_help() if exc.ctx else str(exc))
         sys.exit(EXIT_USAGE)

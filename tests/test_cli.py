@@ -43,7 +43,8 @@ def test_json_report_schema(tmp_path: Path) -> None:
     proc = run("scan", DEMO_MODEL, "--data", DEMO_DATA, "--format", "json", "-o", out, "-q")
     assert proc.returncode == 1, proc.stderr
     r = json.loads(out.read_text())
-    assert r["schema_version"] == 1
+    assert r["schema_version"] == 2
+    assert r["invocation"]["command"].startswith(f"backdoorscan scan {DEMO_MODEL} --data ")
     assert r["tool"]["name"] == "backdoorscan" and r["tool"]["version"]
     assert len(r["model"]["sha256"]) == 64 and len(r["data"]["sha256"]) == 64
     assert r["settings"]["seed"] == 0
@@ -211,6 +212,6 @@ def test_threads_option_bounds_the_scan_and_keeps_the_report(tmp_path: Path) -> 
         docs.append(json.loads(out.read_text()))
     assert docs[0]["settings"]["n_jobs"] == 1 and docs[1]["settings"]["n_jobs"] == 0
     for doc in docs:
-        doc.pop("timings_s"), doc["settings"].pop("n_jobs")
+        doc.pop("timings_s"), doc.pop("invocation"), doc["settings"].pop("n_jobs")
     assert docs[0] == docs[1]
     assert run("scan", DEMO_MODEL, "--data", DEMO_DATA, "--threads", "-1").returncode == 4

@@ -60,7 +60,7 @@ def test_same_seed_same_report(poisoned_digits: dict) -> None:
 
 def _without(report: backdoorscan.Report, *keys: str) -> dict:
     doc = json.loads(report.to_json())
-    doc.pop("timings_s")
+    doc.pop("timings_s"), doc.pop("invocation")
     for key in keys:
         doc["settings"].pop(key)
     return doc

@@ -1,4 +1,5 @@
-"""Same inputs and seed, same report: byte-identical JSON across processes (timings aside)."""
+"""Same inputs and seed, same report: byte-identical JSON across processes (timings, time
+and command line aside)."""
 
 from __future__ import annotations
 
@@ -17,10 +18,12 @@ DEMO = Path(__file__).resolve().parents[1] / "backdoorscan" / "data"
 
 
 def _without_timings(text: str) -> str:
-    """The report's text with its ``timings_s`` block cut out, every other byte kept."""
-    cut, n = re.subn(r'\n  "timings_s": \{[^{}]*\},', "", text)
-    assert n == 1, "no timings block found"
-    return cut
+    """The report's text with its ``timings_s`` and ``invocation`` (time, command line)
+    blocks cut out, every other byte kept."""
+    for block in ("timings_s", "invocation"):
+        text, n = re.subn(rf'\n  "{block}": \{{[^{{}}]*\}},', "", text)
+        assert n == 1, f"no {block} block found"
+    return text
 
 
 def test_two_processes_write_the_same_report(tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import re
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
@@ -405,6 +406,98 @@ def test_scan_writes_html_and_sarif(capsys: pytest.CaptureFixture[str], tmp_path
     code, _, err = cli(capsys, "demo", "--format", "sarif", "-o", sarif, "-q")
     assert code == 1, err
     check_sarif(json.loads(sarif.read_text()))
+
+
+def test_report_records_when_and_by_which_command(
+    capsys: pytest.CaptureFixture[str], validator: Any, sarif_validator: Any, tmp_path: Path
+) -> None:
+    from datetime import datetime, timedelta, timezone
+
+    out = tmp_path / "my report.json"
+    before = datetime.now(timezone.utc).replace(microsecond=0)
+    code, _, err = cli(capsys, "scan", DEMO_MODEL, "--data", DEMO_DATA, "--format", "json",
+                       "-o", out, "-q")  # fmt: skip
+    assert code == 1, err
+    doc = json.loads(out.read_text())
+    assert validator.is_valid(doc)
+    inv = doc["invocation"]
+    args = ["scan", DEMO_MODEL, "--data", DEMO_DATA, "--format", "json", "-o", out, "-q"]
+    assert inv["command"] == shlex.join(["backdoorscan", *map(str, args)])
+    assert f"-o '{out}' -q" in inv["command"]  # quoted for a shell
+    made = datetime.strptime(inv["created_utc"], "%Y-%m-%dT%H:%M:%SZ")
+    made = made.replace(tzinfo=timezone.utc)
+    assert before <= made <= datetime.now(timezone.utc) + timedelta(seconds=1)
+    # Rendered again, the report keeps the scan's time and command.
+    code, text, _ = cli(capsys, "report", out, "--format", "sarif")
+    [run] = json.loads(text)["runs"]
+    assert _sarif_errors(sarif_validator, json.loads(text)) == []
+    assert run["invocations"][0]["commandLine"] == inv["command"]
+    assert run["invocations"][0]["endTimeUtc"] == inv["created_utc"]
+    code, page, _ = cli(capsys, "report", out, "--format", "html")
+    assert f"<td class=\"l\">{inv['created_utc'][:10]} " in page
+    assert "scan " in page and "--format json" in page
+    code, text, _ = cli(capsys, "report", out, "--format", "json")
+    assert json.loads(text)["invocation"] == inv
+
+
+def test_python_reports_print_their_summary(demo: Report, capsys: pytest.CaptureFixture) -> None:
+    print(demo)
+    assert capsys.readouterr().out == demo.to_text() + "\n"
+    assert str(demo).startswith("BACKDOOR SUSPECTED in class(es) 1: 50 of 1847 samples")
+    assert repr(demo) == (
+        "<Report backdoor: poisoned classes [1], 50 of 1847 samples flagged, 10 classes>"
+    )
+    assert demo.command is None and demo.to_dict()["invocation"]["command"] is None
+
+
+def _numpy_scalars(value: Any, path: str = "") -> list[str]:
+    if isinstance(value, np.generic):
+        return [path]
+    if isinstance(value, dict):
+        pairs = value.items()
+        return [p for k, v in pairs for p in _numpy_scalars(k) + _numpy_scalars(v, f"{path}.{k}")]
+    if isinstance(value, (list, tuple)):
+        return [p for i, v in enumerate(value) for p in _numpy_scalars(v, f"{path}[{i}]")]
+    return []
+
+
+def test_figures_are_plain_python_numbers(demo: Report, clean: Report) -> None:
+    from dataclasses import fields
+
+    found = []
+    for report in (demo, clean):
+        for c in report.classes:
+            for f in fields(c):
+                if f.name not in ("members", "trigger", "projection"):
+                    found += _numpy_scalars(getattr(c, f.name), f"{c.label}.{f.name}")
+    assert found == []
+    c = demo.classes[1]
+    assert type(c.transfer) is float and type(c.n_flagged) is int
+    assert all(type(v) is bool for v in c.votes.values())
+    c.separation = np.float32(2.5)  # a figure set later is converted too
+    assert type(c.separation) is float
+    c.separation = demo.classes[1].separation
+
+
+def test_to_dataframe_has_one_row_per_class(demo: Report) -> None:
+    pd = pytest.importorskip("pandas")
+    df = demo.to_dataframe()
+    assert isinstance(df, pd.DataFrame)
+    assert list(df.index) == [c.label for c in demo.classes] and df.index.name == "class"
+    assert df.loc[1, "verdict"] == "poisoned" and int(df.loc[1, "n_flagged"]) == 50
+    assert list(df.index[df["verdict"] == "poisoned"]) == demo.poisoned_classes
+    for c in demo.classes:
+        assert df.loc[c.label, "n_samples"] == c.n_samples
+        assert df.loc[c.label, "separation"] == pytest.approx(c.separation, nan_ok=True)
+    assert df["transfer"].dtype == np.float64
+
+
+def test_to_dataframe_without_pandas_names_it(
+    demo: Report, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "pandas", None)
+    with pytest.raises(ImportError, match="needs pandas, which is not installed: pip install"):
+        demo.to_dataframe()
 
 
 @pytest.mark.parametrize("command", ["report", "scan"])

@@ -31,7 +31,8 @@ from backdoorscan.scanner.figures import (
     _transfer_png,
     _trigger_png,
 )
-from backdoorscan.scanner.report import ClassResult, Report, _exre_lines, _fmt, _repair_lines
+from backdoorscan.scanner.report import ClassResult, Report
+from backdoorscan.scanner.report_text import _exre_lines, _fmt, _repair_lines
 
 __all__ = [
     "REPORT_EXTRA",
@@ -209,6 +210,8 @@ def _facts(report: Report) -> str:
         ("seed", s.get("seed")),
         ("provider", report.provider),
         ("timings", ", ".join(f"{k} {v:.2f} s" for k, v in report.timings.items())),
+        ("report made", (report.created_utc or "").replace("T", " ").replace("Z", " UTC")),
+        ("command", report.command),
     ]  # fmt: skip
     body = "".join(
         f'<tr><th class="l">{_e(k)}</th><td class="l">{_e(v)}</td></tr>'

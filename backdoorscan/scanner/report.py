@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 # A trigger with more values than this is not written to JSON (a 64x64 colour image fits).
 TRIGGER_MAX_VALUES = 16384
 # Points of a class's 2-D projection kept for the HTML report's plot.
@@ -58,6 +58,12 @@ class ClassResult:
     # ``x``, ``y``, the k-means ``cluster`` and the sample ``index`` of at most
     # PROJECTION_POINTS seeded samples of the class.
     projection: dict[str, list[Any]] | None = field(default=None, repr=False, compare=False)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # Figures are plain Python numbers: numpy scalars are converted as they are set.
+        if name not in ("members", "trigger", "exre", "projection"):
+            value = _plain(value)
+        object.__setattr__(self, name, value)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready figures of the class (a clean class's indices left out)."""
@@ -220,6 +226,10 @@ class Report:
     # The training samples as given (before any conversion; a memory map for .npy), for the
     # HTML report's mosaics. Never written to JSON.
     samples: Any = field(default=None, repr=False, compare=False)
+    # When the report was made (UTC, ISO 8601) and the command line that made it (the CLI
+    # sets it; None from the Python API).
+    created_utc: str | None = field(default_factory=lambda: utc_now())
+    command: str | None = None
 
     @property
     def verdict(self) -> str:
@@ -258,6 +268,7 @@ class Report:
         out: dict[str, Any] = {
             "schema_version": self.schema_version,
             "tool": {"name": "backdoorscan", "version": self.tool_version},
+            "invocation": {"created_utc": self.created_utc, "command": self.command},
             "verdict": self.verdict,
             "poisoned_classes": self.poisoned_classes,
             "model": self.model,
@@ -285,56 +296,55 @@ class Report:
         return json.dumps(self.to_dict(include_scores=include_scores), indent=2) + "\n"
 
     def to_text(self) -> str:
-        """A short human summary: verdict first, then one line per class that matters."""
-        lines = []
-        n = len(self.scores)
-        if self.verdict == "backdoor":
-            lines.append(
-                f"BACKDOOR SUSPECTED in class(es) {', '.join(map(str, self.poisoned_classes))}: "
-                f"{len(self.flagged_indices)} of {n} samples flagged as poison"
-            )
-        elif self.verdict == "clean":
-            lines.append(
-                f"No poison found in the {n} training samples given "
-                f"({len(self.analysed_classes)} classes)"
-            )
-        elif self.not_meaningful:
-            lines.append(f"Nothing meaningful scanned: {self.not_meaningful}")
-        else:
-            lines.append("Nothing scanned: no class had enough samples to cluster")
-        lines.extend(f"  {line}" for line in _evidence_lines(self))
-        if self.model.get("path"):
-            lines.append(f"  model  {self.model['path']}  (layer {self.model.get('layer')})")
-        if self.data.get("path"):
-            lines.append(f"  data   {self.data['path']}  ({n} samples)")
-        lines.append(
-            f"  method {self.settings.get('reduce')}->{self.settings.get('n_components')} dims, "
-            f"k-means k={self.settings.get('n_clusters')}, seed {self.settings.get('seed')}"
-            + (f", on {self.provider}" if self.provider else "")
+        """A short human summary: verdict first, then one line per class that matters (the
+        text format; ``str(report)`` and ``print(report)`` give it too)."""
+        from backdoorscan.scanner.report_text import summary
+
+        return summary(self)
+
+    def __str__(self) -> str:
+        return self.to_text()
+
+    def __repr__(self) -> str:
+        n, flagged = len(self.scores), len(self.flagged_indices)
+        return (
+            f"<Report {self.verdict}: poisoned classes {self.poisoned_classes}, {flagged} of {n} "
+            f"samples flagged, {len(self.classes)} classes>"
         )
-        lines.append("")
-        lines.append(
-            "  class      n  verdict    cluster share  sep.  silh.  dist.  transfer  source"
-        )
+
+    def to_dataframe(self) -> Any:
+        """One row per class (index ``class``) with its verdict and figures, as a pandas
+        DataFrame; pandas is needed (``pip install pandas``), imported here only."""
+        try:
+            import pandas as pd
+        except ImportError:
+            raise ImportError(
+                "Report.to_dataframe needs pandas, which is not installed: pip install pandas"
+            ) from None
+        rows = []
         for c in self.classes:
             size = (
                 c.cluster_sizes[c.suspicious_cluster] if c.suspicious_cluster is not None else None
             )
-            lines.append(
-                f"  {c.label:>5} {c.n_samples:>6}  {c.verdict:<9} "
-                f"{_fmt(size, 'd', 7)} {_fmt(c.relative_size, '.2f', 5)} "
-                f"{_fmt(c.separation, '.1f', 5)} {_fmt(c.silhouette, '.2f', 6)} "
-                f"{_fmt(c.distance_ratio, '.2f', 6)} {_fmt(c.transfer, '.2f', 9)} "
-                f"{_fmt(c.suspected_source, 'd', 7)}" + (f"  ({c.reason})" if c.reason else "")
-            )
-        lines.extend(_exre_lines(self))
-        lines.extend(_repair_lines(self.repair))
-        for note in self.notes:
-            lines.append(f"  note: {note}")
-        if self.timings:
-            shown = ", ".join(f"{k} {v:.2f}s" for k, v in self.timings.items())
-            lines.append(f"  time: {shown}")
-        return "\n".join(lines) + "\n"
+            rows.append(
+                {
+                    "class": c.label, "n_samples": c.n_samples, "verdict": c.verdict,
+                    "suspicious_size": size, "relative_size": c.relative_size,
+                    "separation": c.separation, "silhouette": c.silhouette,
+                    "distance_ratio": c.distance_ratio, "transfer": c.transfer,
+                    "suspected_source": c.suspected_source, "n_flagged": c.n_flagged,
+                    "clustering": c.clustering, "cluster_sizes": list(c.cluster_sizes),
+                    "reason": c.reason,
+                }
+            )  # fmt: skip
+        df = pd.DataFrame(rows, columns=list(rows[0]) if rows else ["class"])
+        for col in ("suspicious_size", "suspected_source"):
+            if col in df:
+                df[col] = df[col].astype("Int64")
+        for col in ("relative_size", "separation", "silhouette", "distance_ratio", "transfer"):
+            if col in df:
+                df[col] = df[col].astype("float64")
+        return df.set_index("class")
 
     def render(self, fmt: str, **options: Any) -> str:
         """Render as ``text``, ``json``, ``sarif`` or ``html`` (``options`` go to the HTML
@@ -374,118 +384,14 @@ class Report:
             schema_version=int(d.get("schema_version", SCHEMA_VERSION)),
         )
         report.not_meaningful = d.get("not_meaningful")
+        invocation = d.get("invocation") or {}
+        report.created_utc = invocation.get("created_utc")
+        report.command = invocation.get("command")
         if d.get("exre"):
             report.exre = ExreResult.from_dict(d["exre"])
         if d.get("repair"):
             report.repair = RepairResult(**d["repair"])
         return report
-
-
-def _evidence_lines(report: Report) -> list[str]:
-    """One line per class where ExRe's answer differs from the verdict, saying which evidence
-    decided, so that the ExRe table never reads as a second verdict."""
-    lines = []
-    rule = report.settings.get("rule_applied") or report.settings.get("rule") or []
-    decider = "the transfer test" if "transfer" in rule else "the " + "+".join(rule) + " rule"
-    for c in report.classes:
-        if not c.exre or not c.exre_decided_by:
-            continue
-        outcome = c.exre[c.exre_decided_by]
-        exre_poison = outcome.verdict == "poison"
-        if exre_poison == (c.verdict == "poisoned") or outcome.verdict == "inconclusive":
-            continue
-        said = "poison" if exre_poison else "legitimate"
-        lines.append(
-            f"class {c.label}: ExRe {c.exre_decided_by} calls its cluster {said}, but "
-            f"{decider} decides: {c.verdict}"
-        )
-    return lines
-
-
-def _exre_lines(report: Report) -> list[str]:
-    """The exclusionary-reclassification table: one line per class and method."""
-    rows = [c for c in report.classes if c.exre]
-    if not rows or report.exre is None:
-        return []
-    info = report.exre
-    how = []
-    full = info.runs.get("full")
-    if full:
-        init = "from scratch" if full.get("init") == "scratch" else "from the current weights"
-        how.append(
-            f"full: retrained {init}, {full.get('epochs')} epoch(s) on {full.get('n_trained')} "
-            f"samples without {full.get('n_excluded')}"
-        )
-    if info.runs.get("probe"):
-        how.append(f"probe: {info.runs['probe'].get('classifier')}")
-    if info.not_examined:
-        how.append(
-            f"not examined: the candidates of class(es) "
-            f"{', '.join(map(str, info.not_examined))}, over {info.max_share} of them"
-        )
-    lines = [
-        "",
-        f"  exclusionary reclassification, evidence beside the verdict ({'; '.join(how)}; "
-        f"poison when own/other < {info.threshold})",
-        "  class  method      n   own  source  share   ratio  answer",
-    ]
-    for c in rows:
-        for method in ("full", "probe"):
-            o = (c.exre or {}).get(method)
-            if not o:
-                continue
-            lines.append(
-                f"  {c.label:>5}  {method:<6} {o.n:>6} {_fmt(o.own_share, '.2f', 5)} "
-                f"{_fmt(o.source, 'd', 7)} {_fmt(o.source_share, '.2f', 6)} "
-                f"{_fmt(o.ratio, '.2f', 7)}  {o.verdict}"
-            )
-    return lines
-
-
-def _repair_lines(repair: RepairResult | None) -> list[str]:
-    """The repair section: what changed, the scan before, the measured effect, files written."""
-    if repair is None:
-        return []
-    head = "REPAIR FAILED" if repair.mode == "failed" else "repair"
-    lines = ["", f"  {head} ({repair.strategy}): {repair.summary}"]
-    before = repair.before or {}
-    if before:
-        flagged = before.get("poisoned_classes") or []
-        lines.append(
-            f"    scan before: {before.get('verdict')}"
-            + (f" in class(es) {', '.join(map(str, flagged))}" if flagged else "")
-            + f", {before.get('n_flagged', 0)} samples flagged"
-        )
-    metrics = repair.metrics
-    b, a = metrics.get("before") or {}, metrics.get("after") or {}
-    if b or a:
-        for key, name in (("clean_accuracy", "clean accuracy"), ("asr", "attack success rate")):
-            if key in b or key in a:
-                lines.append(
-                    f"    {name}: {_fmt(b.get(key), '.4f', 6).strip()} -> "
-                    f"{_fmt(a.get(key), '.4f', 6).strip()}"
-                    + (f"  ({metrics[key + '_on']})" if metrics.get(key + "_on") else "")
-                )
-        per_class = a.get("asr_per_class") or {}
-        if per_class:
-            shown = ", ".join(
-                f"{k}: {_fmt(b.get('asr_per_class', {}).get(k), '.3f', 5).strip()} -> "
-                f"{_fmt(v, '.3f', 5).strip()}"
-                for k, v in per_class.items()
-            )
-            lines.append(f"    share of triggered samples sent to each flagged class: {shown}")
-    elif metrics.get("note"):
-        lines.append(f"    {metrics['note']}")
-    if repair.curve:
-        shown = "; ".join(
-            f"epoch {row['epoch']}: acc {_fmt(row.get('clean_accuracy'), '.3f', 5).strip()}, "
-            f"asr {_fmt(row.get('asr'), '.3f', 5).strip()}"
-            for row in repair.curve
-        )
-        lines.append(f"    curve: {shown}")
-    for path in repair.written:
-        lines.append(f"    wrote {path}")
-    return lines
 
 
 def class_projection(
@@ -551,10 +457,15 @@ def _trigger_from_dict(d: dict[str, Any]) -> Any:
     return Trigger(values, tokens=bool(d.get("tokens")), lo=lo, hi=hi)
 
 
-def _fmt(value: float | int | None, spec: str, width: int) -> str:
-    if value is None or (isinstance(value, float) and not np.isfinite(value)):
-        return "-".rjust(width)
-    return format(value, spec).rjust(width)
+def _plain(value: Any) -> Any:
+    """Numpy scalars, also inside lists and dicts, as plain Python numbers."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {_plain(k): _plain(v) for k, v in value.items()}
+    return value
 
 
 def _clean(value: Any) -> Any:
@@ -568,3 +479,10 @@ def _clean(value: Any) -> Any:
     if isinstance(value, float):
         return round(value, 6) if np.isfinite(value) else None
     return value
+
+
+def utc_now() -> str:
+    """The time now in UTC, ISO 8601 to the second (``2026-01-31T12:00:00Z``)."""
+    from datetime import datetime, timezone
+
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -83,7 +83,7 @@ def to_sarif(report: Report) -> dict[str, Any]:
             }
         },
         "artifacts": artifacts,
-        "invocations": [{"executionSuccessful": True}],
+        "invocations": [_invocation(report)],
         "results": results,
         "properties": {
             "verdict": report.verdict,
@@ -99,6 +99,16 @@ def to_sarif(report: Report) -> dict[str, Any]:
             {"level": "note", "message": {"text": note}} for note in report.notes
         ]
     return {"$schema": SARIF_SCHEMA, "version": SARIF_VERSION, "runs": [run]}
+
+
+def _invocation(report: Report) -> dict[str, Any]:
+    """The run's invocation: success, when the report was made and the command line."""
+    out: dict[str, Any] = {"executionSuccessful": True}
+    if report.created_utc:
+        out["endTimeUtc"] = report.created_utc
+    if report.command:
+        out["commandLine"] = report.command
+    return out
 
 
 def _poisoned(
