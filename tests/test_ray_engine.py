@@ -8,6 +8,7 @@ indices are global. Tests that need Ray are skipped where it is not installed.
 
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 import sys
@@ -36,6 +37,20 @@ def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for i, (lo, hi) in enumerate([(0, 500), (500, 1300), (1300, len(y))]):
         np.savez(folder / f"train-{i}.npz", x=x[lo:hi], y=y[lo:hi])
     return folder / "train-*.npz"
+
+
+@pytest.fixture(scope="module")
+def npy_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo as ``.npy`` pairs of very uneven sizes (one shard of a single sample, one
+    ending inside a batch); returns a glob matching the samples' and the labels' files."""
+    folder = tmp_path_factory.mktemp("npy-shards")
+    with np.load(DEMO_DATA) as z:
+        x, y = z["x"], z["y"]
+    cuts = [0, 1, 700, 1033, len(y)]
+    for i, (lo, hi) in enumerate(itertools.pairwise(cuts)):
+        np.save(folder / f"part-{i}-x.npy", x[lo:hi])
+        np.save(folder / f"part-{i}-y.npy", y[lo:hi])
+    return folder / "part-*.npy"
 
 
 @pytest.fixture(scope="module")
@@ -69,8 +84,13 @@ def test_local_scan_of_shards_equals_the_unsharded_scan(
 
 
 def test_ray_scan_equals_the_local_scan(
-    local_ray: object, shards: Path, unsharded: backdoorscan.Report, monkeypatch: pytest.MonkeyPatch
+    local_ray: object,
+    npy_shards: Path,
+    unsharded: backdoorscan.Report,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """``.npy`` pairs of uneven sizes: the flagged indices are the unsharded data's."""
+    shards = npy_shards
     local = backdoorscan.scan(str(DEMO_MODEL), data=str(shards), trust_model=True)
 
     def not_here(*args: object, **kwargs: object) -> None:
@@ -156,6 +176,26 @@ def test_an_interrupted_ray_extraction_leaves_no_spill_files(
 def test_ray_engine_refuses_an_untrusted_model_file(shards: Path) -> None:
     with pytest.raises(RayEngineError, match="--trust-model"):
         backdoorscan.scan(str(DEMO_MODEL), data=str(shards), engine="ray")
+
+
+def test_npy_shards_pair_by_name(tmp_path: Path, npy_shards: Path) -> None:
+    from backdoorscan.scanner.shards import shard_paths
+
+    pairs = shard_paths(npy_shards)
+    assert [(d.name, lab.name if lab else None) for d, lab in pairs] == [
+        (f"part-{i}-x.npy", f"part-{i}-y.npy") for i in range(4)
+    ]
+    assert shard_paths(str(npy_shards).replace("*", "*-x")) == pairs
+    np.save(tmp_path / "a-0-x.npy", np.zeros((5, 64), np.float32))
+    with pytest.raises(DataError, match=r"no labels file a-0-y\.npy"):
+        shard_paths(tmp_path / "a-*.npy")
+    np.save(tmp_path / "a-0-y.npy", np.zeros(5, np.int64))
+    np.save(tmp_path / "a-1-y.npy", np.zeros(5, np.int64))
+    with pytest.raises(DataError, match=r"a-1-y\.npy has no samples file"):
+        shard_paths(tmp_path / "a-*.npy")
+    np.save(tmp_path / "b-0.npy", np.zeros(5, np.int64))
+    with pytest.raises(DataError, match=r"b-0\.npy is neither"):
+        shard_paths(tmp_path / "b-*.npy")
 
 
 def test_shard_globs_are_checked(tmp_path: Path, shards: Path) -> None:

@@ -48,7 +48,7 @@ import numpy as np
 from backdoorscan.adapters.base import OnnxExport
 from backdoorscan.runtime import ExtractionError, _quiet_run, make_session, per_sample
 from backdoorscan.scanner.config import DetectConfig
-from backdoorscan.scanner.data import Dataset, from_arrays, load_data
+from backdoorscan.scanner.data import Dataset, from_arrays
 from backdoorscan.scanner.detect import ClassOutcome, ClassWork, detect_class
 from backdoorscan.scanner.extract import Activations
 from backdoorscan.scanner.sketch import InputSketch
@@ -85,7 +85,7 @@ class DataSpec:
     the per-batch conversion :func:`conform` set on the driver's dataset."""
 
     paths: list[str] = field(default_factory=list)
-    labels: str | None = None
+    labels: list[str | None] = field(default_factory=list)  # each shard's .npy labels, or None
     x_key: str = "x"
     y_key: str = "y"
     arrays: Any = None  # (x, y) object references, for in-memory data
@@ -98,12 +98,11 @@ class DataSpec:
 
             x, y = (ray.get(r) if isinstance(r, ray.ObjectRef) else r for r in self.arrays)
             ds = from_arrays(x, y)
-        elif self.labels is not None:
-            ds = load_data(self.paths[0], self.labels)
         else:
             from backdoorscan.scanner.shards import open_shards
 
-            ds = open_shards(self.paths, x_key=self.x_key, y_key=self.y_key)
+            pairs = list(zip(self.paths, self.labels or [None] * len(self.paths), strict=True))
+            ds = open_shards(pairs, x_key=self.x_key, y_key=self.y_key)
         for name, value in self.conversion.items():
             setattr(ds, name, value)
         return ds
@@ -119,8 +118,14 @@ def data_spec(dataset: Dataset, x_key: str = "x", y_key: str = "y") -> DataSpec:
         import ray
 
         return DataSpec(arrays=(ray.put(dataset.x), ray.put(dataset.y)), conversion=conversion)
-    data = [str(s.path) for s in dataset.sources if s.role == "data"]
-    labels = next((str(s.path) for s in dataset.sources if s.role == "labels"), None)
+    data: list[str] = []
+    labels: list[str | None] = []
+    for src in dataset.sources:  # each shard's samples file, then its labels file if any
+        if src.role == "data":
+            data.append(str(src.path))
+            labels.append(None)
+        else:
+            labels[-1] = str(src.path)
     return DataSpec(data, labels, x_key, y_key, conversion=conversion)
 
 

@@ -1,10 +1,13 @@
 """Training data given as several shard files: ``--data 'shards/train-*.npz'``.
 
-The files matching the glob are taken in sorted order (by path); the global sample index is
+A shard is an ``.npz`` (arrays ``x`` and ``y``, or ``--x-key``/``--y-key``) or a pair of
+``.npy`` files whose names differ only in a last ``x``/``y`` part after ``-``, ``_`` or ``.``
+(``train-0-x.npy`` and ``train-0-y.npy``; the glob may match the samples' files only, or both).
+The shards are taken in the sorted order of their (samples') paths; the global sample index is
 their concatenation order, so a flagged index refers to the row of the same rank in
-``cat shard0 shard1 ...``. Each shard is loaded as one ``.npz`` is (:func:`load_data`: headers
-checked, uncompressed members memory-mapped, nothing unpickled, hashed before it is read), and
-:class:`ShardRows` reads rows across them as one array, with the shards' explicit readers.
+``cat shard0 shard1 ...``. Each shard is loaded as one data file is (:func:`load_data`: headers
+checked, memory-mapped, nothing unpickled, hashed before it is read), and :class:`ShardRows`
+reads rows across them as one array, with the shards' explicit readers.
 """
 
 from __future__ import annotations
@@ -23,6 +26,9 @@ from backdoorscan.scanner.datafiles import FileRows, Source, check_input_file
 __all__ = ["ShardRows", "is_glob", "load_shards", "open_shards", "shard_paths"]
 
 GLOB_CHARS = "*?["
+SEPARATORS = "-_."
+# A shard: an .npz file, or the .npy files of its samples and its labels.
+Shard = tuple[Path, Path | None]
 
 
 def is_glob(data: str | Path) -> bool:
@@ -31,16 +37,46 @@ def is_glob(data: str | Path) -> bool:
     return any(ch in text for ch in GLOB_CHARS) and not Path(text).exists()
 
 
-def shard_paths(pattern: str | Path) -> list[Path]:
-    """The files matching ``pattern``, sorted by path; none is a DataError."""
+def shard_paths(pattern: str | Path, x_key: str = "x", y_key: str = "y") -> list[Shard]:
+    """The shards matching ``pattern`` as ``(file, None)`` for an ``.npz`` and ``(samples,
+    labels)`` for an ``.npy`` pair, sorted by path; none, or a file of no shard, is a DataError."""
     paths = sorted(Path(p) for p in glob.glob(str(pattern)))
     paths = [p for p in paths if not p.is_dir()]
     if not paths:
         raise DataError(f"no data file matches {pattern}")
-    bad = [p.name for p in paths if p.suffix.lower() != ".npz"]
-    if bad:
-        raise DataError(f"shard files must be .npz archives with arrays x and y; {bad[0]} is not")
-    return paths
+    shards: list[Shard] = []
+    labels_seen: set[Path] = set()
+    for p in paths:
+        suffix = p.suffix.lower()
+        if suffix == ".npz":
+            shards.append((p, None))
+            continue
+        role = _npy_role(p, x_key, y_key) if suffix == ".npy" else None
+        if role is None:
+            raise DataError(
+                f"shard files must be .npz archives (arrays {x_key} and {y_key}) or .npy pairs "
+                f"named like train-0-{x_key}.npy and train-0-{y_key}.npy; {p.name} is neither"
+            )
+        if role == "labels":
+            labels_seen.add(p)
+            continue
+        labels = p.with_name(p.stem[: -len(x_key)] + y_key + p.suffix)
+        if not labels.is_file():
+            raise DataError(f"shard {p.name} has no labels file {labels.name} beside it")
+        shards.append((p, labels))
+    orphans = labels_seen - {lab for _, lab in shards}
+    if orphans:
+        raise DataError(f"labels file {min(orphans).name} has no samples file beside it")
+    return shards
+
+
+def _npy_role(path: Path, x_key: str, y_key: str) -> str | None:
+    """``data`` or ``labels`` for an ``.npy`` named ``<stem><sep><x_key or y_key>.npy``."""
+    stem = path.stem
+    for key, role in ((x_key, "data"), (y_key, "labels")):
+        if stem.endswith(key) and len(stem) > len(key) and stem[-len(key) - 1] in SEPARATORS:
+            return role
+    return None
 
 
 class ShardRows:
@@ -128,38 +164,42 @@ class ShardRows:
 
 
 def open_shards(
-    paths: Sequence[str | Path],
+    paths: Sequence[str | Path | tuple[str | Path, str | Path | None]],
     *,
     x_key: str = "x",
     y_key: str = "y",
     max_bytes: int | None = None,
-    hashes: Sequence[str] | None = None,
+    hashes: Sequence[Sequence[str]] | None = None,
 ) -> Dataset:
-    """One :class:`Dataset` over the ``.npz`` files ``paths``, concatenated in that order.
+    """One :class:`Dataset` over the shards ``paths`` (``.npz`` files, or ``(samples, labels)``
+    ``.npy`` pairs), concatenated in that order.
 
-    Each file is loaded and checked as a single data file is; the shards must agree on the
-    per-sample shape and dtype. ``hashes`` (sha256 per file, taken before it was read) are kept
-    on the files' sources so that :func:`verify_unchanged` checks each shard.
+    Each shard is loaded and checked as a single data file is; the shards must agree on the
+    per-sample shape and dtype. ``hashes`` (per shard, the sha256 of each of its files, taken
+    before it was read) are kept on the files' sources so that :func:`verify_unchanged` checks
+    each file.
     """
+    pairs = [(Path(p[0]), p[1]) if isinstance(p, tuple) else (Path(p), None) for p in paths]
     parts: list[Dataset] = []
     try:
-        for i, path in enumerate(paths):
-            part = load_data(path, x_key=x_key, y_key=y_key, max_bytes=max_bytes)
+        for i, (path, labels) in enumerate(pairs):
+            part = load_data(path, labels, x_key=x_key, y_key=y_key, max_bytes=max_bytes)
             parts.append(part)
             if hashes is not None:
-                part.sources[0].sha256 = hashes[i]
+                for src, sha in zip(part.sources, hashes[i], strict=True):
+                    src.sha256 = sha
             first = parts[0]
             if part.x.shape[1:] != first.x.shape[1:] or part.x.dtype != first.x.dtype:
                 raise DataError(
-                    f"shard {Path(path).name} holds samples of shape {part.x.shape[1:]} and "
-                    f"dtype {part.x.dtype}, but {Path(paths[0]).name} holds "
+                    f"shard {path.name} holds samples of shape {part.x.shape[1:]} and "
+                    f"dtype {part.x.dtype}, but {pairs[0][0].name} holds "
                     f"{first.x.shape[1:]} {first.x.dtype}: every shard must agree"
                 )
     except BaseException:
         for part in parts:
             part.close()
         raise
-    names = [Path(p).name for p in paths]
+    names = [p.name for p, _ in pairs]
     rows = ShardRows([p.x for p in parts], [p.reader for p in parts], names)
     y = np.concatenate([p.y for p in parts])
     sources: list[Source] = [src for p in parts for src in p.sources]
@@ -179,13 +219,19 @@ def load_shards(
     Every shard is hashed before it is read; the report's ``sha256`` is that of the list of
     the shards' names and hashes (one line each, in order), and ``path`` is the pattern.
     """
-    paths = shard_paths(pattern)
-    hashes = [sha256_file(check_input_file(p, "data")) for p in paths]
-    ds = open_shards(paths, x_key=x_key, y_key=y_key, max_bytes=max_bytes, hashes=hashes)
-    manifest = "".join(f"{p.name} {h}\n" for p, h in zip(paths, hashes, strict=True))
+    shards = shard_paths(pattern, x_key, y_key)
+    hashes: list[list[str]] = []
+    manifest = ""
+    for data, labels in shards:  # each file hashed before it is read
+        hashes.append([sha256_file(check_input_file(data, "data"))])
+        manifest += f"{data.name} {hashes[-1][0]}\n"
+        if labels is not None:
+            hashes[-1].append(sha256_file(check_input_file(labels, "labels")))
+            manifest += f"{labels.name} {hashes[-1][1]}\n"
+    ds = open_shards(shards, x_key=x_key, y_key=y_key, max_bytes=max_bytes, hashes=hashes)
     ds.files = {"path": str(pattern), "sha256": hashlib.sha256(manifest.encode()).hexdigest()}
     ds.notes.append(
-        f"data: {len(paths)} shard files matching {pattern}, concatenated in sorted order (the "
+        f"data: {len(shards)} shards matching {pattern}, concatenated in sorted order (the "
         "sample indices are global); its sha256 is that of the lines 'name sha256' of the shards"
     )
     return ds
