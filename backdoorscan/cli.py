@@ -43,6 +43,23 @@ from backdoorscan.scanner.report import EXIT_ERROR, EXIT_USAGE
 DEMO_DIR = Path(__file__).parent / "data"
 
 
+def _set_verbose(_ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    from backdoorscan.scanner.scanlog import set_verbose
+
+    set_verbose(value)
+
+
+verbose_option = click.option(
+    "-v",
+    "--verbose",
+    is_flag=True,
+    expose_value=False,
+    callback=_set_verbose,
+    help="Log what each step decided (layer, provider, each class, the transfer test, ExRe, "
+    "each repair epoch) on stderr.",
+)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="backdoorscan")
 def cli() -> None:
@@ -86,6 +103,7 @@ def cli() -> None:
 @detect_options
 @exre_options
 @output_options
+@verbose_option
 def scan(
     model: Path,
     data_path: Path,
@@ -224,6 +242,7 @@ def scan(
     help="Report format.",
 )
 @click.option("-q", "--quiet", is_flag=True, help="No summary.")
+@verbose_option
 @model_options
 @isolation_options
 @detect_options
@@ -311,6 +330,7 @@ def repair(
 
 @cli.command()
 @output_options
+@verbose_option
 def demo(fmt: str, output: Path | None, quiet: bool) -> None:
     """Scan the shipped demo: an 8x8-digits classifier with a planted backdoor (exit 1).
 

@@ -321,6 +321,9 @@ def run(
             data=dataset,
             num_classes=acts.num_classes,
         )
+    from backdoorscan.scanner.scanlog import log_scan
+
+    log_scan(report)  # what each step decided, as log lines (--verbose)
     return report
 
 

@@ -55,6 +55,7 @@ from backdoorscan.scanner.report import (
     RepairResult,
     Report,
 )
+from backdoorscan.scanner.scanlog import log_epoch
 
 __all__ = ["STRATEGIES", "RepairConfig", "RepairPlan", "exit_code", "plan_repair", "repair"]
 
@@ -354,6 +355,7 @@ def _repair(
         )  # fmt: skip
         now = stick.measure(adapter, opts.batch_size)
         curve.append({"epoch": epoch, **_point(now)})
+        log_epoch(epoch, rcfg.epochs, curve[-1])
         if _done(now, before, rcfg):
             # The targets are met; done only if the original data also scans clean (the
             # trigger may still work from another class than the trigger test's).
