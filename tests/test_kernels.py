@@ -381,3 +381,40 @@ def test_compile_notice_once_with_an_empty_cache_and_never_when_warm(tmp_path):
     assert all(r.returncode == 0 for r in runs), [r.stderr for r in runs]
     assert runs[0].stderr.count(notice) == 1
     assert notice not in runs[1].stderr
+
+
+# ------------------------------------------------------------------------- column medians
+
+
+def test_column_medians_equal_numpy_on_rows_masks_ties_and_signed_zeros():
+    from backdoorscan.kernels import column_medians
+
+    rng = np.random.default_rng(5)
+    for trial in range(60):
+        n, d = int(rng.integers(1, 120)), int(rng.integers(1, 70))
+        dtype = (np.float32, np.float64)[trial % 2]
+        X = (rng.standard_normal((n, d)) * 10.0 ** rng.integers(-6, 6)).astype(dtype)
+        X[rng.random((n, d)) < 0.3] = 0.0  # ReLU-like ties
+        X[rng.random((n, d)) < 0.1] = -0.0
+        mask = rng.random(n) < 0.6
+        if not mask.any():
+            continue
+        want = np.median(X[mask].astype(np.float64), axis=0)
+        np.testing.assert_array_equal(column_medians(X, mask), want)
+        np.testing.assert_array_equal(column_medians(X, np.flatnonzero(mask)), want)
+        np.testing.assert_array_equal(column_medians(X), np.median(X.astype(np.float64), axis=0))
+    with pytest.raises(ValueError):
+        column_medians(np.zeros((3, 2)), np.zeros(3, dtype=bool))
+
+
+def test_fastica_with_pca_whitening_recovers_the_same_sources(mixed_sources):
+    """Whitening from a PCA of the same X (the detector reuses it) unmixes as well."""
+    X, truth = mixed_sources
+    _, components, variance = pca(X, 4)
+    S, unmixing, _ = fastica(X, 4, whitening=(variance * (len(X) - 1), components.T))
+    assert _matched_abs_corr(S, truth).min() > 0.99
+    S0, _, _ = fastica(X, 4)
+    assert _matched_abs_corr(S, S0).min() > 0.999
+    np.testing.assert_allclose(S, (X - X.mean(axis=0)) @ unmixing.T, atol=1e-8)
+    with pytest.raises(ValueError):
+        fastica(X, 4, whitening=(variance[:2], components.T[:, :2]))

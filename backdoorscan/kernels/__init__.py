@@ -13,10 +13,18 @@ from numba.core import event as _event
 
 from .ica import fastica
 from .kmeans import kmeans
+from .median import column_medians
 from .pca import pca
 from .silhouette import silhouette_samples, silhouette_score
 
-__all__ = ["fastica", "kmeans", "pca", "silhouette_samples", "silhouette_score"]
+__all__ = [
+    "column_medians",
+    "fastica",
+    "kmeans",
+    "pca",
+    "silhouette_samples",
+    "silhouette_score",
+]
 
 
 class _CompileNotice(_event.Listener):

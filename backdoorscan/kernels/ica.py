@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from .pca import _EPS, as_matrix, top_eigh
+from .pca import _EPS, as_float_matrix, as_matrix, project, top_components
 
 
 @njit(cache=True, nogil=True)
@@ -183,6 +183,7 @@ def fastica(
     max_iter: int = 200,
     tol: float = 1e-4,
     random_state: int = 0,
+    whitening: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, int]:
     """Unmix X into independent, unit-variance sources with FastICA (logcosh, alpha = 1).
 
@@ -190,8 +191,14 @@ def fastica(
     ``n_iter == max_iter`` means NOT converged (a run that meets ``tol`` on its very last
     allowed iteration also reads so). k = min(n_components, n, d, rank of X). Sources come in
     no particular order; each unmixing row has its largest-magnitude entry positive.
+    ``whitening``, when the caller has them (a PCA of the same X), is the top eigenpairs
+    (values [>= k], unit vectors [d, >= k], largest first) of the scatter of X less its
+    column means; they are then not computed again, and a float32 X stays float32 in the
+    products (no float64 copy). The iterations run on the k x n whitened data in float64.
     """
-    X = as_matrix(X)
+    # Without a given whitening the fit is float64 throughout (float32 products shift the
+    # outcome of a FastICA that has not converged); with one, X's own dtype in the products.
+    X = as_float_matrix(X) if whitening is not None else as_matrix(X)
     n, d = X.shape
     if n < 2:
         raise ValueError("fastica needs at least 2 samples")
@@ -203,18 +210,24 @@ def fastica(
     if not 0 <= seed < 2**32:
         raise ValueError(f"random_state must be an integer in [0, 2**32), got {random_state}")
     k = min(int(n_components), n, d)
-    Xc = X - X.mean(axis=0)
-    w, V = top_eigh(Xc, k)
+    mean = X.mean(axis=0, dtype=np.float64)
+    if whitening is None:
+        w, V = top_components(X, k, mean)
+    else:
+        w, V = (np.asarray(a, dtype=np.float64) for a in whitening)
+        if w.ndim != 1 or V.shape != (d, len(w)) or len(w) < k:
+            raise ValueError(f"whitening must hold at least {k} eigenpairs of a {d}-wide X")
+        w, V = w[:k], V[:, :k]
     if w[0] <= 0.0:
         raise ValueError("fastica: X has no variance")
     k = int(np.count_nonzero(w > w[0] * max(n, d) * _EPS))
     var = w[:k] / n
     K = np.ascontiguousarray((V[:, :k] / np.sqrt(var)).T)  # whitening: [k, d]
-    X1T = np.ascontiguousarray(K @ Xc.T)  # whitened data, one row per component
+    X1T = np.ascontiguousarray(project(X, mean, K.T).T)  # whitened data, one row per component
     W, n_iter = _fastica_par(X1T, _standard_normal(k, seed), int(max_iter), float(tol))
     unmixing = W @ K
     rows = np.argmax(np.abs(unmixing), axis=1)
     signs = np.where(unmixing[np.arange(k), rows] < 0.0, -1.0, 1.0)
     unmixing = np.ascontiguousarray(unmixing * signs[:, None])
-    S = np.ascontiguousarray(Xc @ unmixing.T)
+    S = project(X, mean, unmixing.T)
     return S, unmixing, int(n_iter)

@@ -56,6 +56,14 @@ def _check(X: np.ndarray, name: str) -> None:
             raise ValueError(f"{name} holds NaN or infinite values")
 
 
+def all_finite(X: np.ndarray) -> bool:
+    """Whether every entry of ``X`` is finite, checked block by block (no N x D temporary)."""
+    X = np.asarray(X)
+    if X.ndim != 2 or X.dtype.kind not in "fc":
+        return bool(np.isfinite(X).all())
+    return all(np.isfinite(block).all() for block in _blocks(X))
+
+
 def _blocks(X: np.ndarray):
     """Views of consecutive blocks of rows, each about ``BLOCK_BYTES``."""
     step = max(1, BLOCK_BYTES // max(1, X.shape[1] * X.itemsize))

@@ -35,8 +35,8 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from backdoorscan._version import __version__
-from backdoorscan.kernels import fastica, kmeans, pca, silhouette_score
-from backdoorscan.kernels.pca import column_stats, project
+from backdoorscan.kernels import column_medians, fastica, kmeans, pca, silhouette_score
+from backdoorscan.kernels.pca import all_finite, column_stats, project
 from backdoorscan.scanner.config import ANALYSES, DetectConfig
 from backdoorscan.scanner.report import ClassResult, Report, class_projection
 
@@ -94,7 +94,12 @@ TRANSFER_TIE = 0.1
 
 
 def reduce_features(
-    f: np.ndarray, cfg: DetectConfig, seed: int, method: str, capped: list[str] | None = None
+    f: np.ndarray,
+    cfg: DetectConfig,
+    seed: int,
+    method: str,
+    capped: list[str] | None = None,
+    cache: dict[str, Any] | None = None,
 ) -> np.ndarray:
     """Centre, drop dead units and project one class's activations to ``n_components`` dims.
 
@@ -102,7 +107,9 @@ def reduce_features(
     only leave FastICA's fitting rows (at most ``fit_samples``, the one copy), PCA ignores
     them by itself (zero variance), and every projection centres through the mean.
     A FastICA run that stops at ``ica_max_iter`` without converging appends ``method`` to
-    ``capped`` (the report says so, as scikit-learn warns)."""
+    ``capped`` (the report says so, as scikit-learn warns). ``cache`` (one dict per class)
+    keeps PCA's eigenpairs, so that FastICA fitted on the whole class whitens with them
+    instead of solving the same eigenproblem again."""
     f = np.asarray(f)
     if f.dtype not in (np.float32, np.float64):
         f = f.astype(np.float64)
@@ -115,6 +122,14 @@ def reduce_features(
         return f[:, live].astype(np.float64) - mean[live]
     if method == "ica":
         rows = _fit_rows(len(f), cfg, seed)
+        known = cache.get("pca") if cache is not None and isinstance(rows, slice) else None
+        if known is not None and known[0] == k:  # PCA's eigenpairs of this very class
+            z, _, n_iter = fastica(
+                f, k, max_iter=cfg.ica_max_iter, random_state=seed, whitening=known[1:]
+            )
+            if capped is not None and n_iter >= cfg.ica_max_iter:
+                capped.append(method)
+            return z
         fit = f[rows][:, live]
         _, unmixing, n_iter = fastica(fit, k, max_iter=cfg.ica_max_iter, random_state=seed)
         if capped is not None and n_iter >= cfg.ica_max_iter:
@@ -124,7 +139,9 @@ def reduce_features(
         fit_mean = np.zeros(f.shape[1])
         fit_mean[live] = fit.mean(axis=0, dtype=np.float64)
         return project(f, fit_mean, full.T)
-    z, _, _ = pca(f, k, mean=mean)
+    z, components, variance = pca(f, k, mean=mean)
+    if cache is not None:
+        cache["pca"] = (k, variance * (len(f) - 1), components.T)
     return z
 
 
@@ -181,7 +198,7 @@ def _separation(z: np.ndarray, members: np.ndarray) -> float:
 def _class_medians(
     features: np.ndarray, labels: np.ndarray, classes: np.ndarray
 ) -> dict[int, np.ndarray]:
-    return {int(c): np.median(features[labels == c], axis=0) for c in classes}
+    return {int(c): column_medians(features, labels == c) for c in classes}
 
 
 class TransferTest(Protocol):
@@ -223,8 +240,9 @@ def _candidates(
     """Every cluster of every clustering of one class (duplicates across reductions dropped)."""
     out: list[_Candidate] = []
     seen: set[bytes] = set()
+    cache: dict[str, Any] = {}
     for method in cfg.reductions:
-        z = reduce_features(f, cfg, seed, method, capped)
+        z = reduce_features(f, cfg, seed, method, capped, cache)
         for fit in _cluster(z, cfg, seed):
             fit.reduction = f"{method} k={fit.k}"
             sizes = np.bincount(fit.labels, minlength=fit.k)
@@ -320,7 +338,7 @@ def detect(
         features = features.reshape(len(features), -1)
     if len(features) != len(labels):
         raise ValueError(f"{len(features)} feature rows but {len(labels)} labels")
-    if not np.isfinite(features).all():
+    if not all_finite(features):
         raise ValueError("features hold NaN or Inf values")
     rule = effective_rule(cfg, transfer is not None)
     t0 = time.perf_counter()
@@ -535,8 +553,8 @@ def _distance(
     f: np.ndarray, members: np.ndarray, medians: dict[int, np.ndarray], label: int
 ) -> tuple[float, int | None]:
     """Distance of a cluster's median to its class's rest over that to the nearest other class."""
-    cand_median = np.median(f[members], axis=0)
-    d_own = float(np.linalg.norm(cand_median - np.median(f[~members], axis=0)))
+    cand_median = column_medians(f, members)
+    d_own = float(np.linalg.norm(cand_median - column_medians(f, ~members)))
     others = {k: float(np.linalg.norm(cand_median - m)) for k, m in medians.items() if k != label}
     if not others:
         return 0.0, None
