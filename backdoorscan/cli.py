@@ -6,6 +6,7 @@ Exit codes: 0 no poison found in the training samples given, 1 backdoor found, 2
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import sys
@@ -91,14 +92,31 @@ def cli() -> None:
     type=click.Choice(["local", "ray"]),
     default="local",
     show_default=True,
-    help="ray: run the extraction in Ray Data actors (pip install 'backdoorscan[ray]'; needs "
-    "--trust-model for a model file); the per-class analysis stays in this process.",
+    help="ray: the extraction in Ray Data actors, each class's analysis in a Ray task, the "
+    "model's queries in one actor (pip install 'backdoorscan[ray]'; needs --trust-model for a "
+    "model file).",
 )
 @click.option(
     "--ray-address",
     metavar="ADDRESS",
     help="Ray cluster to join (auto, ray://host:10001); default: a local instance on this "
     "machine's cores.",
+)
+@click.option(
+    "--ray-spill-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="With --engine ray: the folder (every node's path to it) where the extraction's "
+    "outputs are spilled, one file per batch, removed when the scan ends. Default: the "
+    "temporary folder.",
+)
+@click.option(
+    "--ray-spill-above",
+    metavar="SIZE",
+    default="1G",
+    show_default=True,
+    callback=lambda _c, _p, v: parse_memory(v),
+    help="With --engine ray: spill the extraction's outputs (features, predictions, input "
+    "sketch) when they come to SIZE or more; smaller ones go through Ray's object store.",
 )
 @detect_options
 @exre_options
@@ -124,6 +142,8 @@ def scan(
     trust_model: bool,
     engine: str,
     ray_address: str | None,
+    ray_spill_dir: Path | None,
+    ray_spill_above: int,
     fmt: str,
     output: Path | None,
     quiet: bool,
@@ -147,6 +167,12 @@ def scan(
     opts = build_run_options(
         device, batch_size, max_memory, scale, mean, std, x_key, y_key, timeout, trust_model,
         engine, ray_address,
+    )  # fmt: skip
+    if ray_spill_dir is not None and engine != "ray":
+        raise click.BadParameter("--ray-spill-dir needs --engine ray")
+    opts = dataclasses.replace(
+        opts, ray_spill_dir=None if ray_spill_dir is None else str(ray_spill_dir),
+        ray_spill_above=ray_spill_above,
     )  # fmt: skip
     mopts = build_model_options(layer, arch, arch_kwargs, input_shape)
     refuse_overwrite(output, model, data_path, labels)

@@ -88,8 +88,10 @@ def test_ray_scan_equals_the_local_scan(
     npy_shards: Path,
     unsharded: backdoorscan.Report,
     monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
 ) -> None:
-    """``.npy`` pairs of uneven sizes: the flagged indices are the unsharded data's."""
+    """``.npy`` pairs of uneven sizes, the extraction spilled to files: the flagged indices are
+    the unsharded data's, and the spill folder is left empty."""
     shards = npy_shards
     local = backdoorscan.scan(str(DEMO_MODEL), data=str(shards), trust_model=True)
 
@@ -101,8 +103,12 @@ def test_ray_scan_equals_the_local_scan(
     monkeypatch.setattr("backdoorscan.scanner.detect._detect_class", not_here)
     monkeypatch.setattr(TransferProbe, "__call__", not_here)
     monkeypatch.setattr(Prepared, "session", not_here)
-    on_ray = backdoorscan.scan(str(DEMO_MODEL), data=str(shards), engine="ray", trust_model=True)
+    on_ray = backdoorscan.scan(
+        str(DEMO_MODEL), data=str(shards), engine="ray", trust_model=True,
+        ray_spill_dir=str(tmp_path), ray_spill_above=1,
+    )  # fmt: skip
     monkeypatch.undo()
+    assert list(tmp_path.iterdir()) == []
     assert on_ray.poisoned_classes == local.poisoned_classes == [1]
     np.testing.assert_array_equal(on_ray.flagged_indices, local.flagged_indices)
     np.testing.assert_array_equal(on_ray.flagged_indices, unsharded.flagged_indices)
@@ -207,6 +213,11 @@ def test_shard_globs_are_checked(tmp_path: Path, shards: Path) -> None:
         backdoorscan.scan(str(DEMO_MODEL), data=str(tmp_path / "a-*.npz"))
     with pytest.raises(ValueError, match="engine must be"):
         backdoorscan.scan(str(DEMO_MODEL), data=str(shards), engine="spark")
+    from backdoorscan.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:  # a usage error, before anything is read
+        main(["scan", str(DEMO_MODEL), "--data", str(shards), "--ray-spill-dir", str(tmp_path)])
+    assert exit_info.value.code == 4
 
 
 def test_cli_scans_a_glob_of_shards(tmp_path: Path, shards: Path) -> None:
