@@ -25,7 +25,8 @@ TORCH_SUFFIXES = {".pt", ".pth", ".bin", ".pkl", ".ts", ".pt2", ".ckpt", ".safet
 KERAS_SUFFIXES = {".keras", ".h5", ".hdf5"}
 SUPPORTED_FORMATS = (
     "ONNX .onnx; PyTorch .pt/.pth/.bin/.ckpt state dicts and .safetensors with --arch; "
-    "TorchScript .ts/.pt; torch.export .pt2; Keras .keras/.h5"
+    "TorchScript .ts/.pt; torch.export .pt2; Keras .keras/.h5; Hugging Face model folders "
+    "(config.json + model.safetensors)"
 )
 
 __all__ = [
@@ -52,6 +53,10 @@ def load(path: str | Path, **options: Any) -> Adapter:
     """
     p = Path(path)
     suffix = p.suffix.lower()
+    if p.is_dir():  # a Hugging Face model folder
+        from backdoorscan.adapters import hf
+
+        return hf.load(p, **options)
     if suffix in ONNX_SUFFIXES:
         from backdoorscan.adapters import onnx as onnx_adapter
 

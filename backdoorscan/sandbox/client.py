@@ -55,11 +55,13 @@ class NodeInfo(NamedTuple):
 
 
 def framework_of(path: str | Path) -> str:
-    """``onnx``, ``torch`` or ``keras``: the library that reads the model file, by suffix
-    (the rule ``adapters.load`` applies)."""
+    """``onnx``, ``torch``, ``keras`` or ``transformers`` (a folder): the library that reads
+    the model file, by suffix (the rule ``adapters.load`` applies)."""
     from backdoorscan.adapters import KERAS_SUFFIXES, TORCH_SUFFIXES
 
     suffix = Path(path).suffix.lower()
+    if Path(path).is_dir():  # a Hugging Face model folder
+        return "transformers"
     if suffix in TORCH_SUFFIXES:
         return "torch"
     if suffix in KERAS_SUFFIXES:

@@ -52,6 +52,10 @@ FRAMEWORK_MODULES = {
     "onnx": ("backdoorscan.adapters.onnx",),
     "torch": ("torch", "torch.onnx", "backdoorscan.adapters.torch"),
     "keras": ("keras", "backdoorscan.adapters.keras"),
+    "transformers": (
+        "torch", "torch.onnx", "transformers", "backdoorscan.adapters.torch",
+        "backdoorscan.adapters.hf",
+    ),  # fmt: skip
 }
 BASE_MODULES = (
     "numpy",

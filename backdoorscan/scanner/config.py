@@ -137,6 +137,13 @@ class RunOptions:
     engine: str = "local"
     ray_address: str | None = None
     ray_concurrency: int | None = None
+    # Tables (CSV, JSON Lines, Parquet) and image folders (scanner/published.py): the columns
+    # of the texts (or image paths) and labels, the image side (None: the model folder's
+    # preprocessing, else the model's input) and the longest token sequence (None: the model's).
+    text_column: str = "text"
+    label_column: str = "label"
+    image_size: int | None = None
+    max_length: int | None = None
     ray_spill_dir: str | None = None
     ray_spill_above: int | None = 1 << 30
 
@@ -153,6 +160,9 @@ class RunOptions:
             raise ValueError(f"device must be auto, cpu or cuda, not {self.device!r}")
         if self.batch_size < 1:
             raise ValueError("batch_size must be at least 1")
+        for name in ("image_size", "max_length"):
+            if getattr(self, name) is not None and not 1 <= getattr(self, name) <= 1 << 16:
+                raise ValueError(f"{name} must lie between 1 and 65536")
 
     @property
     def normalisation(self) -> dict[str, Any]:

@@ -37,6 +37,7 @@ from backdoorscan.scanner.data import (
 from backdoorscan.scanner.detect import detect
 from backdoorscan.scanner.exre import ExreConfig, run_exre
 from backdoorscan.scanner.extract import Activations, extract, make_session
+from backdoorscan.scanner.published import PublishedDataset, is_published, load_published
 from backdoorscan.scanner.ray_engine import RayRun, check_trusted
 from backdoorscan.scanner.report import Report
 from backdoorscan.scanner.shards import is_glob, load_shards
@@ -112,13 +113,17 @@ def load_dataset(
     x: np.ndarray | None = None,
     y: np.ndarray | None = None,
     options: RunOptions | None = None,
+    model: Any = None,
 ) -> Dataset:
-    """The training data, from a file (``.npz``, or ``.npy`` with ``labels``) or from arrays."""
+    """The training data, from a file (``.npz``, or ``.npy`` with ``labels``; a CSV, JSON Lines
+    or Parquet table, or a folder of images, prepared for ``model``) or from arrays."""
     opts = options or RunOptions()
     if isinstance(data, Dataset):
         return data
     if data is not None:
         limit = opts.max_memory if opts.max_memory is not None else machine_memory()
+        if labels is None and is_published(data):  # train.csv, images/CLASS/*.png
+            return load_published(data, model, opts, max_bytes=limit)
         if labels is None and is_glob(data):  # several .npz shards: 'shards/train-*.npz'
             return load_shards(data, x_key=opts.x_key, y_key=opts.y_key, max_bytes=limit)
         files = _hashes(data=data, labels=labels)  # before the data is read, not after
@@ -150,9 +155,13 @@ def prepare(
     ropts = run_options or RunOptions()
     kwargs = opts.loader_kwargs()
     if dataset is not None:
-        kwargs.setdefault("input_shape", tuple(dataset.x.shape[1:]))
+        if None not in dataset.x.shape[1:]:  # an image folder's size may wait for the model
+            kwargs.setdefault("input_shape", tuple(dataset.x.shape[1:]))
         if dataset.x.dtype in (np.int64, np.int32):
             kwargs.setdefault("input_dtype", "int64")
+        pad = getattr(dataset, "pad_id", None)
+        if pad is not None and isinstance(model, (str, Path)) and Path(model).is_dir():
+            kwargs.setdefault("pad_token_id", int(pad))  # the mask is ids != the tokenizer's pad
     if isinstance(model, Adapter):
         return Prepared(model.to_onnx(opts.layer), model)
     if not isinstance(model, (str, Path)):
@@ -228,9 +237,13 @@ def run(
     cfg = config or DetectConfig()
     export = prepared.export
     timings: dict[str, float] = {}
-    conform(
-        dataset, export.input_shape, export.input_dtype, export.num_classes, **opts.normalisation
-    )
+    norm = dict(opts.normalisation)
+    if isinstance(dataset, PublishedDataset):
+        dataset.fit_size(export.input_shape)
+        # The data's own preprocessing (a model folder's, or /255 for images) where the
+        # command line gives none.
+        norm = {k: v if v is not None else dataset.normalisation.get(k) for k, v in norm.items()}
+    conform(dataset, export.input_shape, export.input_dtype, export.num_classes, **norm)
     # Refused here, before the runtime allocates anything for a model that would not fit. A
     # model in a worker is not parsed here: its memory is bounded in its own process.
     sizes = ActivationSizes(feature_dim=export.feature_dim) if prepared.worker else None
@@ -310,6 +323,9 @@ def run(
     # The data scanned must be the data hashed: a file replaced or edited during the scan is an
     # error, not a report about other bytes.
     verify_unchanged(dataset)
+    if isinstance(dataset, PublishedDataset):
+        dataset.verify()
+        report.data |= dataset.describe(report.flagged_indices)
     if exre is not None:
         run_exre(
             report,
@@ -356,7 +372,7 @@ def scan(
     ecfg = exre_config(exre, cfg.seed)
     if opts.engine == "ray":  # refused before the data or the model is read
         check_trusted(model, opts.trust_model)
-    dataset = load_dataset(data, labels, x=x, y=y, options=opts)
+    dataset = load_dataset(data, labels, x=x, y=y, options=opts, model=model)
     # ExRe 'full' retrains the model, which must then be here rather than in a worker.
     retrain = ecfg is not None and ecfg.method in ("full", "both")
     try:
