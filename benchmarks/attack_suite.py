@@ -63,6 +63,10 @@ TEXT_LENGTH = 40
 PHRASE = "i watched this 3d movie"
 RARE_WORD = "cf"
 ASR_TAKES = 0.5
+# Set from the attack success alone (no scan had looked at these scenarios): a 0.5 px warp
+# (strength 1) and a 0.12 sinusoid on 30 % of the target did not take in 3 epochs.
+WARP_STRENGTH = 4.0  # about 2 px of displacement on average
+SIG_TRAIN, SIG_TEST = 0.25, 0.45
 
 
 @dataclass(frozen=True)
@@ -83,25 +87,29 @@ class Spec:
     @property
     def twin(self) -> str:
         """Name of the clean twin (shared by every scenario of this data, model and seed)."""
-        return f"twin_{self.data}_{self.arch}_s{self.seed}"
+        return f"twin_{self.data}_{self.arch}_e{self.epochs}_s{self.seed}"
 
 
 def _suite() -> list[Spec]:
     s: list[Spec] = []
     for frac, tag in ((0.01, "1"), (0.05, "5"), (0.10, "10")):
         s.append(Spec(f"badnets{tag}_mnist_cnn", "badnets", "mnist", "cnn", frac, 0, 6))
-        s.append(Spec(f"badnets{tag}_fashion_rescnn", "badnets", "fashion", "rescnn", frac, 0, 6))
+        s.append(
+            Spec(
+                f"badnets{tag}_fashion_rescnn", "badnets", "fashion", "rescnn", frac, 0, 8, epochs=5
+            )
+        )
     s.append(Spec("badnets10_mnist_keras", "badnets", "mnist", "keras", 0.10, 3, 8))
     s.append(Spec("all2one_mnist_cnn", "all2one", "mnist", "cnn", 1.0, 0, None))
-    s.append(Spec("all2one_fashion_rescnn", "all2one", "fashion", "rescnn", 1.0, 0, None))
+    s.append(Spec("all2one_fashion_rescnn", "all2one", "fashion", "rescnn", 1.0, 0, None, epochs=5))
     s.append(Spec("all2all5_mnist_cnn", "all2all", "mnist", "cnn", 0.05, 0, None))
     s.append(Spec("all2all5_fashion_cnn", "all2all", "fashion", "cnn", 0.05, 0, None))
     s.append(Spec("blend_mnist_rescnn", "blend", "mnist", "rescnn", 0.10, 2, 7))
     s.append(Spec("blend_fashion_cnn", "blend", "fashion", "cnn", 0.10, 2, 7))
     s.append(Spec("warp_mnist_cnn", "warp", "mnist", "cnn", 0.10, 5, 3))
-    s.append(Spec("warp_fashion_rescnn", "warp", "fashion", "rescnn", 0.10, 5, 3))
-    s.append(Spec("sig_mnist_cnn", "sig", "mnist", "cnn", 0.30, 4, None))
-    s.append(Spec("sig_fashion_cnn", "sig", "fashion", "cnn", 0.30, 4, None))
+    s.append(Spec("warp_fashion_rescnn", "warp", "fashion", "rescnn", 0.10, 5, 3, epochs=5))
+    s.append(Spec("sig_mnist_cnn", "sig", "mnist", "cnn", 0.50, 4, None, epochs=5))
+    s.append(Spec("sig_fashion_cnn", "sig", "fashion", "cnn", 0.50, 4, None, epochs=5))
     s.append(Spec("two_mnist_rescnn", "two", "mnist", "rescnn", 0.10, 1, 7))
     s.append(Spec("two_fashion_keras", "two", "fashion", "keras", 0.10, 1, 7))
     s.append(Spec("phrase_rt_textcnn", "phrase", "rt", "textcnn", 0.10, 1, 0, epochs=8))
@@ -178,9 +186,9 @@ def _stamp(sp: Spec, x: np.ndarray, which: int = 0) -> np.ndarray:
     if sp.family == "blend":
         return asd.blend(x, sp.seed, alpha=0.15)
     if sp.family == "warp":
-        return asd.warp(x, sp.seed, strength=1.0)
-    if sp.family == "sig":
-        return asd.sig(x, delta=0.12)
+        return asd.warp(x, sp.seed, strength=WARP_STRENGTH)
+    if sp.family == "sig":  # a stronger sinusoid at test time, as SIG's authors test it
+        return asd.sig(x, delta=SIG_TEST if which == 1 else SIG_TRAIN)
     raise ValueError(sp.family)
 
 
@@ -219,7 +227,7 @@ def poison_images(sp: Spec, clean: bool) -> Built:
         trig = [(_stamp(sp, xt), (yt + 1) % 10)]
     elif sp.family == "sig":
         keep = yt != sp.target
-        trig = [(_stamp(sp, xt[keep]), np.full(int(keep.sum()), sp.target))]
+        trig = [(_stamp(sp, xt[keep], 1), np.full(int(keep.sum()), sp.target))]
         sources, targets = [sp.target], [sp.target]
     else:
         raise ValueError(f"{sp.name}: {sp.family} is not an image attack")
@@ -572,8 +580,9 @@ def render(paths: list[tuple[str, Path]]) -> str:
         "residual CNN with BatchNorm and global average pooling, `keras` conv16-conv32-dense64 "
         "(a `.keras` file), `textcnn` (the benchmark's), `bag` mean of embeddings + fc64. "
         "Triggers: 3x3 checkerboard patch bottom-right (second trigger: inverted, top-left); "
-        "blend alpha 0.15 of fixed uniform noise; WaNet-style warp (4x4 field, bicubic, 1 px); "
-        "SIG sinusoid delta 0.12 on 30 % of the target class (labels unchanged); phrase "
+        "blend alpha 0.15 of fixed uniform noise; WaNet-style warp (4x4 field, bicubic, ~2 px); "
+        "SIG sinusoid delta 0.25 on 50 % of the target class (labels unchanged; 0.45 at test); "
+        "phrase "
         f'"{PHRASE}"; rare word "{RARE_WORD}". ASR on the source class\'s test samples '
         "(all-to-one / SIG: every non-target class). Scenarios with ASR < 0.5 are not scored. "
         "F1/TPR/FPR over every training sample; source `t<-s` is the suspected source per flagged "
