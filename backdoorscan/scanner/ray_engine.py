@@ -59,6 +59,8 @@ __all__ = ["RayEngineError", "RayRun", "RemoteProbe", "check_trusted", "data_spe
 # The extraction's outputs (features, predictions, sketch) of a scan at least this large go
 # through a spill folder rather than Ray's object store.
 SPILL_ABOVE = 1 << 30
+# The most samples one extraction actor call runs (in the local engine's batches).
+ROWS_PER_CALL = 32768
 # Threads of the model actor: the class tasks' transfer queries it serves at once.
 MODEL_ACTOR_THREADS = 4
 
@@ -384,11 +386,12 @@ class RayRun:
         x_key: str = "x",
         y_key: str = "y",
     ) -> RemoteProbe:
-        """The transfer test, served by one model actor started here."""
+        """The transfer test, served by one model actor started here. It reserves no CPU: it
+        answers the class tasks while they wait for it (Ray lends a blocked task's CPU)."""
         ray = self.ray
         gpus = int(ray.cluster_resources().get("GPU", 0))
         actor_class = ray.remote(
-            num_cpus=1, num_gpus=1 if gpus and self.device != "cpu" else 0,
+            num_cpus=0, num_gpus=1 if gpus and self.device != "cpu" else 0,
             max_concurrency=MODEL_ACTOR_THREADS,
         )(_ModelActor)  # fmt: skip
         actor = actor_class.remote(
@@ -500,13 +503,18 @@ def _extract(
     cpus = int(ray.cluster_resources().get("CPU", 1))
     gpus = int(ray.cluster_resources().get("GPU", 0))
     actors = concurrency or max(1, min(cpus, len(ranges)))
+    # Each actor call runs several of the local engine's batches (a block per call, about
+    # eight per actor, at most ROWS_PER_CALL rows): one Ray Data task per batch costs more
+    # than a small model's batch itself.
+    per_call = -(-len(ranges) // (8 * actors))
+    per_call = max(1, min(per_call, ROWS_PER_CALL // batch_size))
     num_gpus = 1 if gpus and device != "cpu" else 0
-    items = ray.data.from_items(ranges, override_num_blocks=len(ranges))
+    items = ray.data.from_items(ranges, override_num_blocks=-(-len(ranges) // per_call))
     sketch_args = {"dim": sketch_dim, "seed": seed}
     mapped = items.map_batches(
         _Extractor,
         fn_constructor_args=(export, spec, device, sketch_args, spill and str(spill)),
-        batch_size=1,
+        batch_size=per_call,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=actors),
         num_cpus=1,
