@@ -12,7 +12,10 @@ stamped samples sent to the label (less the share sent there unstamped). That cl
 suspected source.
 
 Token-id inputs have no additive perturbation: the tokens over-represented in the cluster,
-compared with its neighbours, are inserted into other classes' sequences instead.
+compared with its neighbours, are inserted into other classes' sequences instead: never a
+padding or special token (a tokenizer's [CLS], [SEP]: the data set's ``special_ids``), and
+between the leading and trailing special tokens of each sequence, before its padding (the
+data set's ``pad_id``, default 0; the model's attention mask follows the padding).
 """
 
 from __future__ import annotations
@@ -32,6 +35,11 @@ MAX_TRIGGER_TOKENS = 3
 # sample when some class sends at least this share to the label. A trigger that sends half a
 # class there passes with 10 samples per class in 99 % of draws; one that sends 70 % in 99.99 %.
 SCREEN_PASS = 0.2
+# A confirmed trigger is estimated again, more sharply, with its members' neighbours searched
+# in a larger seeded sample of the data than the probe's: every sample up to this many (the
+# same as searching them all), this many beyond, so that sharpening a trigger costs the same
+# at a million samples as at sixty thousand.
+REFINE_REFERENCE = 1 << 16
 
 
 @dataclass
@@ -44,12 +52,14 @@ class Trigger:
     tokens: bool = False
     lo: float = -np.inf
     hi: float = np.inf
+    pad: int = 0  # token inputs: the padding id, and the special ids kept at the ends
+    special: tuple[int, ...] = ()
 
     def stamp(self, x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """``x`` (converted samples) carrying the trigger: added and clipped, or the trigger
         tokens inserted at a random position of each sequence."""
         if self.tokens:
-            return _insert_tokens(x, self.values, rng)
+            return _insert_tokens(x, self.values, rng, self.pad, self.special)
         return np.clip(x + self.values, self.lo, self.hi).astype(x.dtype)
 
 
@@ -88,6 +98,9 @@ class TransferProbe:
         self.labels = np.asarray(data.y)
         self.predictions = predictions
         self.tokens = np.issubdtype(np.dtype(data.dtype), np.integer)
+        pad = getattr(data, "pad_id", None)  # a tokenised table's (scanner/published.py)
+        self.pad = 0 if pad is None else int(pad)
+        self.special = tuple(int(t) for t in getattr(data, "special_ids", ()))
         self.calls = 0
         n = len(self.labels)
         # One seeded sample of the data set answers every neighbour question: a cluster's
@@ -100,6 +113,7 @@ class TransferProbe:
         else:
             self._ref, self._ref_sketch = np.arange(n), self.sketch
         self._by_class = {int(c): np.flatnonzero(self.labels == c) for c in np.unique(self.labels)}
+        self._wide: tuple[np.ndarray, np.ndarray] | None = None  # made at the first refinement
 
     def predict(self, xb: np.ndarray) -> np.ndarray:
         """Predicted classes of a converted batch."""
@@ -116,7 +130,8 @@ class TransferProbe:
         inside = np.zeros(len(self.labels), dtype=bool)
         inside[cluster] = True
         targets = self._stratified(inside, label, rng)
-        nn_idx = self._neighbours(queries, inside, full=False)
+        keep = ~inside[self._ref]
+        nn_idx = self._neighbours(queries, self._ref[keep], self._ref_sketch[keep])
         if nn_idx is None or len(targets) == 0:
             return NO_TRANSFER
         trigger = self._estimate(queries, nn_idx)
@@ -149,14 +164,25 @@ class TransferProbe:
         )
 
     def trigger(self, cluster: np.ndarray, seed: int) -> Trigger | None:
-        """The cluster's shared perturbation, its members' neighbours searched among every
-        sample outside it rather than the probe's sample of the data: the sharper estimate
-        that a confirmed trigger's per-sample refinement projects on."""
+        """The cluster's shared perturbation, its members' neighbours searched among up to
+        ``REFINE_REFERENCE`` samples outside it (all of them in a smaller data set) rather
+        than the probe's sample: the sharper estimate that a confirmed trigger's per-sample
+        refinement projects on."""
         rng = np.random.default_rng(seed)
         queries = self._queries(cluster, rng)
-        inside = np.zeros(len(self.labels), dtype=bool)
-        inside[cluster] = True
-        nn_idx = self._neighbours(queries, inside, full=True)
+        if self._wide is None:
+            n = len(self.labels)
+            if n > REFINE_REFERENCE:
+                wide = np.random.default_rng([self.cfg.seed, 1]).choice(
+                    n, size=REFINE_REFERENCE, replace=False
+                )
+                wide = np.sort(wide)
+                self._wide = wide, self.sketch[wide]
+            else:
+                self._wide = np.arange(n), self.sketch
+        wide, wide_sketch = self._wide
+        keep = ~np.isin(wide, cluster, assume_unique=True)
+        nn_idx = self._neighbours(queries, wide[keep], wide_sketch[keep])
         if nn_idx is None:
             return None
         return self._estimate(queries, nn_idx)
@@ -165,7 +191,7 @@ class TransferProbe:
         """The trigger the queries share against their neighbours (None if none)."""
         if self.tokens:
             ids = self._trigger_tokens(queries, nn_idx)
-            return None if ids is None else Trigger(ids, tokens=True)
+            return None if ids is None else Trigger(ids, True, pad=self.pad, special=self.special)
         values, lo, hi = self._trigger_perturbation(queries, nn_idx)
         return Trigger(values, lo=lo, hi=hi)
 
@@ -175,15 +201,11 @@ class TransferProbe:
             return np.sort(rng.choice(cluster, size=self.cfg.transfer_queries, replace=False))
         return cluster
 
-    def _neighbours(self, queries: np.ndarray, inside: np.ndarray, full: bool) -> np.ndarray | None:
-        """``[queries, k]`` sample indices of each query's nearest inputs outside the cluster,
-        among the probe's reference sample (or the whole data set when ``full``)."""
-        if full:
-            ref = np.flatnonzero(~inside)
-            ref_sketch = self.sketch[ref]
-        else:
-            keep = ~inside[self._ref]
-            ref, ref_sketch = self._ref[keep], self._ref_sketch[keep]
+    def _neighbours(
+        self, queries: np.ndarray, ref: np.ndarray, ref_sketch: np.ndarray
+    ) -> np.ndarray | None:
+        """``[queries, k]`` sample indices of each query's nearest inputs among ``ref`` (sample
+        indices outside the cluster, ``ref_sketch`` their sketch rows)."""
         if len(ref) == 0:
             return None
         nn, _ = knn(self.sketch[queries], ref_sketch, min(self.cfg.transfer_neighbors, len(ref)))
@@ -234,8 +256,9 @@ class TransferProbe:
     def _trigger_tokens(self, queries: np.ndarray, nn_idx: np.ndarray) -> np.ndarray | None:
         xq = self.data.take(queries).reshape(len(queries), -1)
         xn = self.data.take(np.unique(nn_idx.ravel())).reshape(-1, xq.shape[1])
-        ids_q, df_q = _doc_freq(xq)
-        ids_n, df_n = _doc_freq(xn)
+        skip = (self.pad, *self.special)
+        ids_q, df_q = _doc_freq(xq, skip)
+        ids_n, df_n = _doc_freq(xn, skip)
         ids = np.union1d(ids_q, ids_n)
         lift = np.zeros(len(ids))
         lift[np.searchsorted(ids, ids_q)] += df_q
@@ -249,29 +272,43 @@ class TransferProbe:
         return ids[order[:MAX_TRIGGER_TOKENS]].astype(np.int64)
 
 
-def _insert_tokens(x_t: np.ndarray, trigger: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Each sequence with the trigger tokens inserted at a random position (pads, id 0, at
-    the end; the sequence keeps its length)."""
+def _insert_tokens(
+    x_t: np.ndarray,
+    trigger: np.ndarray,
+    rng: np.random.Generator,
+    pad: int = 0,
+    special: tuple[int, ...] = (),
+) -> np.ndarray:
+    """Each sequence with the trigger tokens inserted at a random position between its
+    leading and trailing special tokens (``special``, e.g. [CLS] and [SEP]); the padding
+    (``pad``) stays at the end and the sequence keeps its length, so that a trigger pushed
+    past the end cuts the last tokens, never the trailing special ones."""
     trigger = trigger.astype(x_t.dtype)
     shape = x_t.shape
     flat = x_t.reshape(len(x_t), -1).copy()
     length = flat.shape[1]
+    marks = np.asarray(special, dtype=x_t.dtype)
     for row in flat:
-        used = int((row != 0).sum())
-        pos = int(rng.integers(0, max(used, 1) + 1))
-        merged = np.concatenate([row[:pos], trigger, row[pos:used]])[:length]
-        row[:] = 0
+        used = int((row != pad).sum())
+        ends = np.isin(row[:used], marks)
+        lead = int(np.argmin(ends)) if not ends.all() else used
+        trail = int(np.argmin(ends[::-1])) if not ends.all() else 0
+        pos = int(rng.integers(lead, max(used - trail, lead) + 1))
+        body = np.concatenate([row[:pos], trigger, row[pos : used - trail]])
+        body = body[: max(length - trail, 0)]
+        merged = np.concatenate([body, row[used - trail : used]])[:length]
+        row[:] = pad
         row[: len(merged)] = merged
     return flat.reshape(shape)
 
 
-def _doc_freq(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Token ids present in the sequences (pads, id 0, left out) and the share of sequences
-    holding each."""
+def _doc_freq(x: np.ndarray, skip: tuple[int, ...] = (0,)) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids present in the sequences (padding and special tokens, ``skip``, left out)
+    and the share of sequences holding each."""
     rows = np.sort(x.reshape(len(x), -1), axis=1)
     first = np.ones(rows.shape, dtype=bool)
     first[:, 1:] = rows[:, 1:] != rows[:, :-1]
-    ids, counts = np.unique(rows[first & (rows != 0)], return_counts=True)
+    ids, counts = np.unique(rows[first & ~np.isin(rows, skip)], return_counts=True)
     return ids, counts / max(len(x), 1)
 
 
