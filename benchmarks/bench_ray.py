@@ -7,9 +7,11 @@ carries a trigger (input 31 set to 6) and is labelled 0. The model: a two-layer 
 written here (a 64-unit ReLU layer, the features, then the logits) that reads the class from
 the means and sends the trigger to class 0, so the scan has a poisoned class to confirm with
 the transfer test. Both engines scan with ``trust_model`` (the Ray engine requires it), so the
-comparison is the engine alone. Printed per size: wall time of each, the Ray instance's start
-apart, the scan's phases, the driver's peak RSS (ru_maxrss; Ray's workers are other
-processes, not counted), whether the flagged indices are equal, and the ratio ray / local.
+comparison is the engine alone; ``ray-spill`` is the Ray scan with the extraction's outputs
+spilled to files (``ray_spill_above=1``) and gathered memory-mapped. Printed per size: wall
+time of each, the Ray instance's start apart, the scan's phases, the driver's peak RSS
+(ru_maxrss; Ray's workers are other processes, not counted), whether the flagged indices are
+equal, and the ratio ray / local.
 
     nice -n 10 python benchmarks/bench_ray.py [--sizes 60000 1000000] [--cpus 2]
 """
@@ -85,14 +87,16 @@ import json, resource, sys, time
 import numpy as np
 model, data, engine, cpus = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 import backdoorscan
-startup = 0.0
+startup, extra = 0.0, {}
+if engine == "ray-spill":  # the extraction's outputs through files, gathered memory-mapped
+    engine, extra = "ray", {"ray_spill_above": 1, "ray_spill_dir": sys.argv[5]}
 if engine == "ray":
     import ray
     t = time.perf_counter()
     ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
     startup = time.perf_counter() - t
 t = time.perf_counter()
-r = backdoorscan.scan(model, data=data, engine=engine, trust_model=True, n_jobs=cpus)
+r = backdoorscan.scan(model, data=data, engine=engine, trust_model=True, n_jobs=cpus, **extra)
 wall = time.perf_counter() - t
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 print(json.dumps({"wall": wall, "startup": startup, "peak": peak, "timings": r.timings,
@@ -101,9 +105,11 @@ print(json.dumps({"wall": wall, "startup": startup, "peak": peak, "timings": r.t
 
 
 def one_scan(model: Path, data: str, engine: str, cpus: int) -> dict:
-    """One fresh process scanning with ``engine``."""
+    """One fresh process scanning with ``engine`` (``ray-spill``: Ray, spilling to a folder)."""
+    spill = Path(data).parent / "spill"
+    spill.mkdir(exist_ok=True)
     done = subprocess.run(
-        [sys.executable, "-c", ONE, str(model), data, engine, str(cpus)],
+        [sys.executable, "-c", ONE, str(model), data, engine, str(cpus), str(spill)],
         capture_output=True, text=True,
     )  # fmt: skip
     if done.returncode != 0:
@@ -126,12 +132,12 @@ def main() -> None:
             poison = make_data(folder, n, means)
             glob = str(folder / "train-*.npz")
             runs = {}
-            for engine in ("local", "ray"):
+            for engine in ("local", "ray", "ray-spill"):
                 t = time.perf_counter()
                 runs[engine] = one_scan(model, glob, engine, args.cpus)
                 runs[engine]["process"] = time.perf_counter() - t
             local, ray = runs["local"], runs["ray"]
-            same = local["flagged"] == ray["flagged"]
+            same = local["flagged"] == ray["flagged"] == runs["ray-spill"]["flagged"]
             found = len(np.intersect1d(local["flagged"], poison)) / max(len(poison), 1)
             print(
                 f"n={n:,}  poisoned classes local {local['poisoned']} ray {ray['poisoned']}, "
@@ -139,13 +145,14 @@ def main() -> None:
             )
             for name, r in runs.items():
                 phases = ", ".join(f"{k} {v:.1f}" for k, v in r["timings"].items())
-                print(f"  {name:5s} scan {r['wall']:7.1f} s (Ray start {r['startup']:.1f} s; "
+                print(f"  {name:9s} scan {r['wall']:7.1f} s (Ray start {r['startup']:.1f} s; "
                       f"process {r['process']:.1f} s)  driver peak RSS "
                       f"{r['peak'] / 2**20:,.0f} MiB  [{phases}]")  # fmt: skip
             with_start = (ray["wall"] + ray["startup"]) / local["wall"]
+            spilled = runs["ray-spill"]["wall"] / local["wall"]
             print(
                 f"  ratio ray / local: scan {ray['wall'] / local['wall']:.2f}x, "
-                f"with the Ray start {with_start:.2f}x"
+                f"with the Ray start {with_start:.2f}x; spilled {spilled:.2f}x"
             )
             sys.stdout.flush()
 

@@ -15,8 +15,8 @@ What runs where (:class:`RayRun` holds Ray up for one scan):
   :func:`~backdoorscan.scanner.detect.detect_class`, the local scan's own per-class analysis
   and kernels, on the class's rows; :func:`~backdoorscan.scanner.detect.detect` on the driver
   hands the classes out (its ``class_map``) and assembles the report.
-- **One model actor** (:class:`_ModelActor`) serves the transfer test's model queries: one
-  session, the data, the input sketch and the
+- **Model actors** (:class:`_ModelActor`, one per node) serve the transfer test's model
+  queries: each holds one session, the data, the input sketch and the
   :class:`~backdoorscan.scanner.transfer.TransferProbe` that the tasks call through
   :class:`RemoteProbe`. No process loads the model twice; the driver runs no session.
 - **The driver** keeps the labels, the gathered features (it cuts them by class and takes the
@@ -233,28 +233,33 @@ class _ModelActor:
 
 
 class RemoteProbe:
-    """The transfer test for :func:`detect_class` in a Ray task: each call is answered by the
-    model actor (a :class:`~backdoorscan.scanner.detect.TransferTest`)."""
+    """The transfer test for :func:`detect_class` in a Ray task (a
+    :class:`~backdoorscan.scanner.detect.TransferTest`): each call is answered by one of the
+    model actors, all alike (one per node), picked by the class's seed or the first sample."""
 
-    def __init__(self, actor: Any) -> None:
-        self.actor = actor
+    def __init__(self, actors: Sequence[Any]) -> None:
+        self.actors = list(actors)
+
+    def _actor(self, key: int) -> Any:
+        return self.actors[key % len(self.actors)]
 
     def __call__(self, indices: np.ndarray, label: int, seed: int) -> TransferResult:
         import ray
 
-        return ray.get(self.actor.transfer.remote(indices, label, seed))
+        return ray.get(self._actor(seed).transfer.remote(indices, label, seed))
 
     def trigger(self, indices: np.ndarray, seed: int) -> Trigger | None:
         """The cluster's shared perturbation, sharply estimated (None if there is none)."""
         import ray
 
-        return ray.get(self.actor.trigger.remote(indices, seed))
+        return ray.get(self._actor(seed).trigger.remote(indices, seed))
 
     def trigger_scores(self, indices: np.ndarray, trigger: Trigger) -> np.ndarray:
         """How strongly each sample at ``indices`` carries ``trigger``."""
         import ray
 
-        return ray.get(self.actor.trigger_scores.remote(indices, trigger))
+        key = int(indices[0]) if len(indices) else 0
+        return ray.get(self._actor(key).trigger_scores.remote(indices, trigger))
 
 
 def _one_blas_thread() -> Any:
@@ -386,20 +391,23 @@ class RayRun:
         x_key: str = "x",
         y_key: str = "y",
     ) -> RemoteProbe:
-        """The transfer test, served by one model actor started here. It reserves no CPU: it
-        answers the class tasks while they wait for it (Ray lends a blocked task's CPU)."""
+        """The transfer test, served by model actors started here, one per node (spread), each
+        with one session. They reserve no CPU: they work while the class tasks that call them
+        wait."""
         ray = self.ray
         gpus = int(ray.cluster_resources().get("GPU", 0))
+        nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
         actor_class = ray.remote(
             num_cpus=0, num_gpus=1 if gpus and self.device != "cpu" else 0,
-            max_concurrency=MODEL_ACTOR_THREADS,
+            max_concurrency=MODEL_ACTOR_THREADS, scheduling_strategy="SPREAD",
         )(_ModelActor)  # fmt: skip
-        actor = actor_class.remote(
+        args = (
             export, self.spec(dataset, x_key, y_key), self.device,
             ray.put(np.asarray(acts.sketch)), ray.put(np.asarray(acts.predictions)), config,
         )  # fmt: skip
-        self._actors.append(actor)
-        return RemoteProbe(actor)
+        actors = [actor_class.remote(*args) for _ in range(max(1, nodes))]
+        self._actors.extend(actors)
+        return RemoteProbe(actors)
 
     def class_map(
         self, work: ClassWork, features: np.ndarray, pairs: Sequence[tuple[int, np.ndarray]]
