@@ -150,7 +150,7 @@ border:2px solid #2e8b57}.nothing{background:#fff4d6;border:2px solid #c9a227}
 table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ddd;padding:.25em .6em;
 text-align:right;vertical-align:top}th{background:#f3f3f3}td.l,th.l{text-align:left}
 tr.poisoned td{background:#fde2e1;font-weight:600}
-.figs{display:flex;flex-wrap:wrap;gap:1.5em;align-items:flex-start}
+.wide{overflow-x:auto}.figs{display:flex;flex-wrap:wrap;gap:1.5em;align-items:flex-start}
 figure{margin:0}figcaption{font-size:.9em;color:#555;max-width:32em}
 img.px{image-rendering:pixelated}code,pre{font-size:.9em}mark{background:#ffd54f}
 .tok{font-family:monospace;font-size:.85em;margin:.1em 0}footer{margin-top:3em;color:#777}
@@ -260,7 +260,7 @@ def _class_table(report: Report) -> str:
         "pooled standard deviations, transfer the largest share of another class's samples "
         "that the model sends to this class once they carry the cluster's shared perturbation "
         "(less the share sent there without it).</p>"
-        f"<table>{head}{''.join(rows)}</table>"
+        f'<div class="wide"><table>{head}{"".join(rows)}</table></div>'
     )
 
 
@@ -381,7 +381,7 @@ def _ranked(ctx: _Context, c: ClassResult, members: np.ndarray) -> str:
         f"<h3>Most suspicious samples</h3><p>The flagged samples of class {c.label} with the "
         f"highest membership scores ({min(len(members), RANKED_ROWS)} of {len(members)}; "
         "sample = index in the data set).</p>"
-        f"<table>{head}{''.join(rows)}</table>"
+        f'<div class="wide"><table>{head}{"".join(rows)}</table></div>'
     )
 
 
