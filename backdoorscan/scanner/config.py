@@ -37,6 +37,10 @@ class DetectConfig:
     transfer_queries: int = 100
     transfer_neighbors: int = 10
     transfer_reference: int = 8192  # inputs searched for neighbours (0: all)
+    # Calibrate the transfer test per model (scanner/calibrate.py): a trigger must also beat
+    # norm-matched non-triggers on its source class by ``transfer_effect`` (p <= 0.01).
+    transfer_null: bool = False
+    transfer_effect: float = 0.25
     fallback_rule: tuple[str, ...] = ("size", "separation")
     refine: bool = True
     max_share: float = 0.6

@@ -232,6 +232,7 @@ class _Candidate:
     source: int | None = None
     trigger: Any = None
     rates: dict[int, float] | None = None
+    evidence: dict[str, Any] | None = None  # the calibrated transfer test's (transfer_null)
 
 
 def _candidates(
@@ -267,7 +268,10 @@ def _votes(
         "distance": lambda: (cand.distance or 0.0) > 1.0,
     }
     if cand.transfer is not None:
-        tests["transfer"] = lambda: cand.transfer >= cfg.transfer_threshold
+        tests["transfer"] = lambda: (
+            cand.transfer >= cfg.transfer_threshold
+            and (cand.evidence is None or bool(cand.evidence.get("passed")))
+        )
     return {a: test() for a, test in tests.items() if a in analyses}
 
 
@@ -460,6 +464,7 @@ def _detect_class(
             found = transfer(idx[cand.members], c, seed)
             cand.transfer, cand.source = found.rate, found.source
             cand.trigger, cand.rates = found.trigger, found.rates
+            cand.evidence = getattr(found, "evidence", None)
     passing = [cd for cd in cands if all(_votes(cd, cfg, rule).get(a, False) for a in rule)]
     poisoned = bool(passing)
     if passing:
@@ -527,6 +532,7 @@ def _detect_class(
         members=idx[members],
         trigger=trigger,
         transfer_rates={int(k): float(v) for k, v in sorted((best.rates or {}).items())},
+        evidence=best.evidence,
         projection=class_projection(z, fit.labels, idx, seed, best.members),
     ), class_scores
 

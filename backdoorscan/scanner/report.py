@@ -54,6 +54,9 @@ class ClassResult:
     # The transfer test's rate per stamped class for the reported cluster (empty when the
     # model was not asked about it).
     transfer_rates: dict[int, float] = field(default_factory=dict)
+    # The calibrated transfer test's evidence for the reported cluster (``transfer_null``):
+    # its rate on the source class against norm-matched non-triggers, effect, p, passed.
+    evidence: dict[str, Any] | None = None
     # The first two reduced dimensions of the reported clustering, for the HTML report's plot:
     # ``x``, ``y``, the k-means ``cluster`` and the sample ``index`` of at most
     # PROJECTION_POINTS seeded samples of the class.

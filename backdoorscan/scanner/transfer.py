@@ -21,6 +21,7 @@ data set's ``pad_id``, default 0; the model's attention mask follows the padding
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -73,6 +74,8 @@ class TransferResult:
     source: int | None
     trigger: Trigger | None
     rates: dict[int, float]
+    # With ``transfer_null``: the rate against norm-matched non-triggers (scanner/calibrate.py).
+    evidence: dict[str, Any] | None = None
 
 
 NO_TRANSFER = TransferResult(0.0, None, None, {})
@@ -159,9 +162,12 @@ class TransferProbe:
         )
         # The suspected source: the class moved most (ties to the lower label).
         source = max(sorted(rates), key=rates.__getitem__)
-        return TransferResult(
-            rates[source], source if rates[source] > 0 else None, trigger, rates
-        )
+        found = TransferResult(rates[source], source if rates[source] > 0 else None, trigger, rates)
+        if cfg.transfer_null and found.source is not None and found.rate >= cfg.transfer_threshold:
+            from backdoorscan.scanner.calibrate import null_test  # it imports this module
+
+            found.evidence = null_test(self, found, cluster, label, seed)
+        return found
 
     def trigger(self, cluster: np.ndarray, seed: int) -> Trigger | None:
         """The cluster's shared perturbation, its members' neighbours searched among up to
