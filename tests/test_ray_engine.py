@@ -20,7 +20,7 @@ import pytest
 import backdoorscan
 from backdoorscan.cli import DEMO_DIR
 from backdoorscan.scanner.data import DataError
-from backdoorscan.scanner.pipeline import Prepared
+from backdoorscan.scanner.pipeline import Prepared, Progress
 from backdoorscan.scanner.ray_engine import RayEngineError
 from backdoorscan.scanner.transfer import TransferProbe
 
@@ -103,12 +103,17 @@ def test_ray_scan_equals_the_local_scan(
     monkeypatch.setattr("backdoorscan.scanner.detect._detect_class", not_here)
     monkeypatch.setattr(TransferProbe, "__call__", not_here)
     monkeypatch.setattr(Prepared, "session", not_here)
+    seen: list[str] = []
+
+    def look(n: int) -> None:  # what the spill folder holds while the batches come in
+        seen.extend(p.name for p in tmp_path.rglob("rows-*"))
+
     on_ray = backdoorscan.scan(
         str(DEMO_MODEL), data=str(shards), engine="ray", trust_model=True,
-        ray_spill_dir=str(tmp_path), ray_spill_above=1,
+        ray_spill_dir=str(tmp_path), ray_spill_above=1, progress=Progress(step=look),
     )  # fmt: skip
     monkeypatch.undo()
-    assert list(tmp_path.iterdir()) == []
+    assert seen and list(tmp_path.iterdir()) == []
     assert on_ray.poisoned_classes == local.poisoned_classes == [1]
     np.testing.assert_array_equal(on_ray.flagged_indices, local.flagged_indices)
     np.testing.assert_array_equal(on_ray.flagged_indices, unsharded.flagged_indices)
@@ -122,39 +127,28 @@ def test_ray_scan_equals_the_local_scan(
         )
 
 
-@pytest.mark.parametrize("spill", [False, True], ids=["object-store", "spilled"])
-def test_ray_extraction_gives_the_local_arrays(
-    local_ray: object, shards: Path, tmp_path: Path, spill: bool
-) -> None:
+def test_ray_extraction_gives_the_local_arrays(local_ray: object, shards: Path) -> None:
     """Bit for bit: features, predictions and the input sketch, in the global order, through
-    the object store or through spill files (the spill folder is gone afterwards)."""
+    the object store (the Ray scan test spills them to files)."""
     from backdoorscan.scanner.data import conform
     from backdoorscan.scanner.extract import extract
     from backdoorscan.scanner.pipeline import load_dataset, prepare
     from backdoorscan.scanner.ray_engine import ray_extract
 
     ds = load_dataset(str(shards))
-    seen: list[list[str]] = []
-
-    def look(n: int) -> None:  # what the spill folder holds while batches come in
-        seen.append([p.name for p in tmp_path.rglob("*")])
-
     try:
         export = prepare(backdoorscan.adapters.load(DEMO_MODEL)).export
         conform(ds, export.input_shape, export.input_dtype, export.num_classes)
         here = extract(export, ds, batch_size=300, device="cpu", seed=3)
         there = ray_extract(
-            export, ds, batch_size=300, device="cpu", seed=3, concurrency=2, progress=look,
-            spill_dir=tmp_path, spill_above=0 if spill else None,
-        )  # fmt: skip
+            export, ds, batch_size=300, device="cpu", seed=3, concurrency=2, spill_above=None
+        )
     finally:
         ds.close()
     np.testing.assert_array_equal(there.features, here.features)
     np.testing.assert_array_equal(there.predictions, here.predictions)
     np.testing.assert_array_equal(there.sketch, here.sketch)
     assert there.num_classes == here.num_classes
-    assert any(any(name.startswith("rows-") for name in names) for names in seen) == spill
-    assert list(tmp_path.iterdir()) == []
 
 
 def test_an_interrupted_ray_extraction_leaves_no_spill_files(
@@ -172,7 +166,7 @@ def test_an_interrupted_ray_extraction_leaves_no_spill_files(
         with pytest.raises(KeyboardInterrupt):
             ray_extract(
                 export, ds, batch_size=300, device="cpu", progress=interrupt, spill_dir=tmp_path,
-                spill_above=0,
+                spill_above=1,
             )  # fmt: skip
     finally:
         ds.close()
