@@ -17,6 +17,7 @@ import click
 
 from backdoorscan._io import atomic_write_bytes
 from backdoorscan._version import __version__
+from backdoorscan.cli_data import published_options
 from backdoorscan.cli_options import (
     ScanError,
     build_detect_config,
@@ -45,8 +46,14 @@ DEMO_DIR = Path(__file__).parent / "data"
 
 
 def _set_verbose(_ctx: click.Context, _param: click.Parameter, value: bool) -> None:
-    from backdoorscan.scanner.scanlog import set_verbose
+    from backdoorscan.scanner.scanlog import set_verbose, show_status
 
+    # The lines of long steps (export, ExRe, repair epochs) on a terminal, unless --quiet.
+    def shown() -> bool:  # asked at each line: inside a command that is not --quiet
+        ctx = click.get_current_context(silent=True)
+        return ctx is not None and not ctx.params.get("quiet")
+
+    show_status(shown)
     set_verbose(value)
 
 
@@ -77,6 +84,7 @@ def cli() -> None:
 @cli.command()
 @click.argument("model", type=click.Path(path_type=Path))
 @data_options
+@published_options
 @click.option("--batch-size", type=click.IntRange(1), default=256, show_default=True)
 @click.option(
     "--max-memory",
@@ -157,6 +165,8 @@ def scan(
       backdoorscan scan model.onnx --data x.npy --labels y.npy --scale 0.00392 \\
         --format json -o report.json
       backdoorscan scan weights.pt --arch mypkg.models:Net --input-shape 1,28,28 --data train.npz
+      backdoorscan scan ./bert-finetuned/ --data train.csv --text-column sentence
+      backdoorscan scan ./vit-finetuned/ --data images/
       backdoorscan scan model.onnx --data 'shards/train-*.npz' --engine ray --trust-model
     """
     from backdoorscan.scanner.pipeline import Progress

@@ -3,8 +3,10 @@ decided; without it, and off a terminal, nothing but errors on stderr."""
 
 from __future__ import annotations
 
+import io
 import json
 import logging
+import sys
 from pathlib import Path
 
 import pytest
@@ -69,7 +71,8 @@ def test_python_scans_log_through_logging(caplog: pytest.LogCaptureFixture) -> N
 
     with caplog.at_level(logging.INFO, logger="backdoorscan"):
         report = scan(DEMO_MODEL, data=DEMO_DATA)
-    names = {r.name for r in caplog.records}
+    names = {r.name for r in caplog.records} - {"backdoorscan.progress"}  # (once a command
+    # line has run in this process, the status lines go to its terminal handler only)
     assert names == {
         "backdoorscan.scanner.pipeline", "backdoorscan.scanner.detect",
         "backdoorscan.scanner.transfer",
@@ -78,7 +81,7 @@ def test_python_scans_log_through_logging(caplog: pytest.LogCaptureFixture) -> N
     assert [m.split(":")[0] for m in detect] == [f"class {c.label}" for c in report.classes]
     caplog.clear()
     scan(DEMO_MODEL, data=DEMO_DATA)  # INFO is off by default: nothing
-    assert [r for r in caplog.records if r.levelno >= logging.INFO] == []
+    assert [r for r in caplog.records if r.name.startswith("backdoorscan.scanner")] == []
 
 
 def test_repair_logs_each_epoch(caplog: pytest.LogCaptureFixture) -> None:
@@ -89,3 +92,42 @@ def test_repair_logs_each_epoch(caplog: pytest.LogCaptureFixture) -> None:
     [rec] = caplog.records
     assert rec.name == "backdoorscan.scanner.repair"
     assert rec.getMessage() == "repair epoch 2/20: clean accuracy 0.9712, attack success 0.0312"
+
+
+class _Tty(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def _run_on_a_terminal(monkeypatch: pytest.MonkeyPatch, *args: str) -> tuple[int, str]:
+    """The command line with stderr a (pretend) terminal: exit code and stderr."""
+    err = _Tty()
+    monkeypatch.setattr(sys, "stderr", err)
+    monkeypatch.setattr(sys, "stdout", io.StringIO())
+    with pytest.raises(SystemExit) as exc:
+        main(list(args))
+    return int(exc.value.code or 0), err.getvalue()
+
+
+def test_long_steps_are_announced_on_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
+    scan = ["scan", str(DEMO_MODEL), "--data", str(DEMO_DATA), "--exre", "probe"]
+    code, err = _run_on_a_terminal(monkeypatch, *scan)
+    assert code == 1
+    lines = err.splitlines()
+    assert "loading demo.onnx and exporting it to ONNX with its features..." in lines
+    assert "ExRe (probe): reclassifying the candidate clusters..." in lines
+    assert "extracting activations" in err and "analysing classes 10/10" in err
+    assert err.index("exporting it") < err.index("extracting") < err.index("ExRe (probe)")
+    # --quiet: nothing at all on stderr; --verbose: each status once, as a log line.
+    code, err = _run_on_a_terminal(monkeypatch, *scan, "-q")
+    assert code == 1 and err == ""
+    code, err = _run_on_a_terminal(monkeypatch, *scan, "-v")
+    assert err.count("exporting it to ONNX") == 1
+    assert "backdoorscan.progress: ExRe (probe): reclassifying" in err
+    # Outside a command (and without -v's handler): nothing on stderr whatever it is.
+    from backdoorscan.scanner.scanlog import set_verbose, status
+
+    set_verbose(False)
+    monkeypatch.setattr(sys, "stderr", _Tty())
+    status("a step...")
+    assert sys.stderr.getvalue() == ""

@@ -15,13 +15,21 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from backdoorscan.scanner.report import ClassResult, Report
 
-__all__ = ["class_decision", "log_epoch", "log_scan", "set_verbose"]
+__all__ = ["class_decision", "log_epoch", "log_scan", "set_verbose", "show_status", "status"]
 
 PIPELINE = logging.getLogger("backdoorscan.scanner.pipeline")
 DETECT = logging.getLogger("backdoorscan.scanner.detect")
 TRANSFER = logging.getLogger("backdoorscan.scanner.transfer")
 EXRE = logging.getLogger("backdoorscan.scanner.exre")
 REPAIR = logging.getLogger("backdoorscan.scanner.repair")
+# A step that may take a while has begun: one line each (the command line shows them on a
+# terminal unless --quiet; see show_status).
+PROGRESS = logging.getLogger("backdoorscan.progress")
+
+
+def status(text: str) -> None:
+    """Say that a step which may take a while has begun (``text``, ending in "...")."""
+    PROGRESS.info("%s", text)
 
 
 def log_scan(report: Report) -> None:
@@ -120,12 +128,42 @@ def set_verbose(on: bool) -> None:
     """``--verbose``: INFO lines of the ``backdoorscan`` loggers on stderr (``on``), or none
     of this function's (off: the handler it added goes, the level is reset)."""
     root = logging.getLogger("backdoorscan")
-    for h in [h for h in root.handlers if isinstance(h, _StderrHandler)]:
-        root.removeHandler(h)
+    for logger in (root, PROGRESS):
+        for h in [h for h in logger.handlers if isinstance(h, _StderrHandler)]:
+            logger.removeHandler(h)
     if on:
         handler = _StderrHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
         root.addHandler(handler)
         root.setLevel(logging.INFO)
+        if not PROGRESS.propagate:  # the terminal's status lines: said once, by this handler
+            PROGRESS.addHandler(handler)
     else:
         root.setLevel(logging.NOTSET)
+
+
+class _TerminalStatus(logging.Handler):
+    """The ``backdoorscan.progress`` lines on stderr, only when it is a terminal and the
+    command is not ``--quiet`` (nor ``--verbose``, whose own handler prints them)."""
+
+    def __init__(self, enabled: Any) -> None:
+        super().__init__(logging.INFO)
+        self.enabled = enabled
+
+    def emit(self, record: logging.LogRecord) -> None:
+        verbose = any(isinstance(h, _StderrHandler) for h in PROGRESS.handlers)
+        if not verbose and self.enabled() and sys.stderr.isatty():
+            sys.stderr.write(record.getMessage() + "\n")
+            sys.stderr.flush()
+
+
+def show_status(enabled: Any) -> None:
+    """Show the ``backdoorscan.progress`` lines on a terminal while ``enabled()`` is true
+    (called at each line); once per process, later calls replace the condition."""
+    for h in PROGRESS.handlers:
+        if isinstance(h, _TerminalStatus):
+            h.enabled = enabled
+            return
+    PROGRESS.addHandler(_TerminalStatus(enabled))
+    PROGRESS.setLevel(logging.INFO)
+    PROGRESS.propagate = False  # its INFO lines reach no other handler (--verbose adds one)
