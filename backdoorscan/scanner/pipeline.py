@@ -169,6 +169,9 @@ def prepare(
         return Prepared(adapter.to_onnx(opts.layer), adapter)
     source = Path(model)
     sha = sha256_file(source) if source.is_file() else None  # before it is parsed
+    from backdoorscan.scanner.scanlog import status
+
+    status(f"loading {source.name} and exporting it to ONNX with its features...")
     if ropts.trust_model or in_process:
         code = adapters.runs_code(source)
         if code and not ropts.trust_model:
@@ -327,6 +330,9 @@ def run(
         dataset.verify()
         report.data |= dataset.describe(report.flagged_indices)
     if exre is not None:
+        from backdoorscan.scanner.scanlog import status
+
+        status(f"ExRe ({exre.method}): reclassifying the candidate clusters...")
         run_exre(
             report,
             exre,

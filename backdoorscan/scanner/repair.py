@@ -55,7 +55,7 @@ from backdoorscan.scanner.report import (
     RepairResult,
     Report,
 )
-from backdoorscan.scanner.scanlog import log_epoch
+from backdoorscan.scanner.scanlog import log_epoch, status
 
 __all__ = ["STRATEGIES", "RepairConfig", "RepairPlan", "exit_code", "plan_repair", "repair"]
 
@@ -349,6 +349,7 @@ def _repair(
 
     final: tuple[OnnxExport, Report] | None = None
     for epoch in range(1, rcfg.epochs + 1):
+        status(f"repair: retraining, epoch {epoch} of at most {rcfg.epochs}...")
         adapter.fit(
             train_x, train_y, epochs=1, batch_size=rcfg.train_batch_size, lr=rcfg.lr,
             seed=cfg.seed + epoch - 1,
