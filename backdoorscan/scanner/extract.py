@@ -94,14 +94,14 @@ def extract(
         num_classes = logits.shape[1]
         stop = start + len(xb)
         features[start:stop] = feats
+        if not np.isfinite(features[start:stop]).all():  # past float32's range once stored
+            raise ExtractionError("the model produced NaN or Inf activations on this data")
         predictions[start:stop] = logits.argmax(axis=1)
         if sketch is not None:
             sketch.add(start, xb)
         if progress is not None:
             progress(len(xb))
     assert features is not None  # n >= 1 is checked when the data is loaded
-    if not np.isfinite(features).all():
-        raise ExtractionError("the model produced NaN or Inf activations on this data")
     return Activations(
         features,
         predictions,
