@@ -97,7 +97,7 @@ CHILD = """
 import json, sys, time
 from threadpoolctl import threadpool_limits
 import backdoorscan
-model, data, warm = sys.argv[1], sys.argv[2], sys.argv[3]
+model, data, warm, result = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
 with threadpool_limits(1):
     backdoorscan.scan(model, data=warm, trust_model=True)  # every library loaded, kernels too
 def status():
@@ -114,8 +114,9 @@ with threadpool_limits(1):
     r = backdoorscan.scan(model, data=data, trust_model=True)
 wall = time.perf_counter() - t
 s1 = status()
-print(json.dumps({"wall": wall, "hwm": s1["VmHWM"], "timings": r.timings,
-    "flagged": r.flagged_indices.tolist(), "poisoned": r.poisoned_classes}), flush=True)
+with open(result, "w") as fh:  # a file: the flagged indices would fill a pipe
+    json.dump({"wall": wall, "hwm": s1["VmHWM"], "timings": r.timings,
+               "flagged": r.flagged_indices.tolist(), "poisoned": r.poisoned_classes}, fh)
 """
 
 
@@ -133,10 +134,12 @@ def _anon(pid: int) -> int | None:
 def one_scan(model: Path, data: Path, warm: Path) -> dict:
     """One fresh process scanning; this process samples its anonymous memory meanwhile."""
     env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
-    proc = subprocess.Popen(
-        [sys.executable, "-c", CHILD, str(model), str(data), str(warm)],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-    )  # fmt: skip
+    result, log = data.with_suffix(".json"), data.with_suffix(".log")
+    with open(log, "w") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", CHILD, str(model), str(data), str(warm), str(result)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True, env=env,
+        )  # fmt: skip
     assert proc.stdin is not None and proc.stdout is not None
     ready = json.loads(proc.stdout.readline())
     proc.stdin.write("go\n")
@@ -147,10 +150,10 @@ def one_scan(model: Path, data: Path, warm: Path) -> dict:
         if now is not None:
             peak_anon = max(peak_anon, now)
         time.sleep(0.01)
-    out, err = proc.communicate()
+    proc.communicate()
     if proc.returncode != 0:
-        raise SystemExit(f"scan failed: {err[-1500:]}")
-    done = json.loads(out.strip().splitlines()[-1])
+        raise SystemExit(f"scan failed: {log.read_text()[-1500:]}")
+    done = json.loads(result.read_text())
     return {**ready, **done, "peak_anon": peak_anon}
 
 
