@@ -373,7 +373,7 @@ def test_compile_notice_once_with_an_empty_cache_and_never_when_warm(tmp_path):
     )
     root = Path(package.__file__).parents[2]
     env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path), PYTHONPATH=str(root))
-    notice = "compiling the clustering kernels (first run only)..."
+    notice = "compiling the clustering kernels (first run only: Numba caches them on disk)..."
     runs = [
         subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
         for _ in range(2)

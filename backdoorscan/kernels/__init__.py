@@ -41,7 +41,9 @@ class _CompileNotice(_event.Listener):
         if (getattr(func, "__module__", "") or "").startswith(__name__ + "."):
             _CompileNotice.said = True
             print(
-                "compiling the clustering kernels (first run only)...", file=sys.stderr, flush=True
+                "compiling the clustering kernels (first run only: Numba caches them on disk)...",
+                file=sys.stderr,
+                flush=True,
             )
 
     def on_end(self, event: _event.Event) -> None:
