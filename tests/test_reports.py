@@ -347,6 +347,19 @@ def test_reports_validate(
         assert Report.from_dict(doc).to_dict() == doc
 
 
+def test_a_schema_1_report_is_read_into_the_current_shape(validator: Any, demo: Report) -> None:
+    old = json.loads(demo.to_json())
+    del old["invocation"]
+    old["schema_version"] = 1
+    doc = Report.from_dict(old).to_dict()
+    assert doc["schema_version"] == Report.schema_version == 2
+    assert doc["invocation"] == {"created_utc": None, "command": None}
+    assert validator.is_valid(doc)
+    assert {k: v for k, v in doc.items() if k not in ("invocation", "schema_version")} == {
+        k: v for k, v in old.items() if k != "schema_version"
+    }
+
+
 def test_schema_rejects_what_is_not_a_report(validator: Any, demo: Report) -> None:
     doc = demo.to_dict()
     for broken in (

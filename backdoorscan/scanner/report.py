@@ -384,7 +384,7 @@ class Report:
             provider=d.get("provider"),
             timings=dict(d.get("timings_s") or {}),
             notes=list(d.get("notes") or []),
-            schema_version=int(d.get("schema_version", SCHEMA_VERSION)),
+            schema_version=SCHEMA_VERSION,  # an older report is read into the current shape
         )
         report.not_meaningful = d.get("not_meaningful")
         invocation = d.get("invocation") or {}
