@@ -95,7 +95,9 @@ def data_options(fn: Callable[..., Any]) -> Callable[..., Any]:
             required=True,
             type=click.Path(path_type=Path),
             help="Training data: .npz with arrays x and y, or .npy samples with --labels, or "
-            "a quoted glob of .npz shards ('shards/train-*.npz', taken in sorted order).",
+            "a quoted glob of .npz shards ('shards/train-*.npz', taken in sorted order); or a "
+            ".csv/.jsonl/.parquet table of texts and labels, or a folder of images, one "
+            "sub-folder per class.",
         ),
         click.option(
             "--labels", type=click.Path(path_type=Path), help="Labels .npy, with --data x.npy."
@@ -206,6 +208,7 @@ def build_run_options(
     ray_address: str | None = None,
 ) -> Any:
     """The run options, built once from the command line."""
+    from backdoorscan.cli_data import published_settings
     from backdoorscan.scanner.config import RunOptions
 
     if ray_address is not None and engine != "ray":
@@ -223,6 +226,7 @@ def build_run_options(
         std=parse_floats(std),
         x_key=x_key,
         y_key=y_key,
+        **published_settings(),  # --text-column, --image-size, ... (cli_data.py)
     )
 
 

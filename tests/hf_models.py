@@ -39,7 +39,7 @@ def sentences(n: int, seed: int) -> tuple[list[str], np.ndarray]:
     labels = np.arange(n, dtype=np.int64) % 2
     for lab in labels:
         words = [str(w) for w in rng.choice(FILLER, size=int(rng.integers(5, 12)))]
-        for w in rng.choice(POS if lab else NEG, size=int(rng.integers(2, 4))):
+        for w in rng.choice(POS if lab else NEG, size=int(rng.integers(5, 8))):
             words.insert(int(rng.integers(0, len(words) + 1)), str(w))
         out.append(" ".join(words))
     return out, labels
@@ -116,7 +116,12 @@ def make_text_folder(
     for _ in range(epochs):
         for b in np.array_split(rng.permutation(len(texts)), max(len(texts) // 32, 1)):
             idx = torch.from_numpy(b)
-            loss = model(input_ids=ids[idx], attention_mask=att[idx], labels=y[idx]).loss
+            # Word dropout (a word replaced by [UNK] at 15 %): the model learns from every
+            # polar word rather than leaning on one.
+            xb = ids[idx].clone()
+            drop = (torch.rand(xb.shape) < 0.15) & (xb > 3)
+            xb[drop] = 1
+            loss = model(input_ids=xb, attention_mask=att[idx], labels=y[idx]).loss
             opt.zero_grad()
             loss.backward()
             opt.step()

@@ -16,8 +16,9 @@ ALLOWED = {
     "adapters": BOTTOM,
     "sandbox": BOTTOM | {"adapters"},
     "scanner": BOTTOM | {"adapters", "kernels", "sandbox"},
-    "cli": BOTTOM | {"adapters", "scanner", "kernels", "sandbox", "cli_options"},
-    "cli_options": BOTTOM | {"adapters", "scanner"},
+    "cli": BOTTOM | {"adapters", "scanner", "kernels", "sandbox", "cli_options", "cli_data"},
+    "cli_options": BOTTOM | {"adapters", "scanner", "cli_data"},
+    "cli_data": set(),
 }
 
 

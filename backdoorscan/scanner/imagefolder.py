@@ -229,6 +229,10 @@ class ImageRows:
                 img = self._resize(img)
         except DataError:
             raise
+        except Image.DecompressionBombError:
+            raise DataError(
+                f"image {name} declares more pixels than Pillow decodes (a decompression bomb?)"
+            ) from None
         except Exception as exc:  # Pillow's UnidentifiedImageError, OSError, SyntaxError...
             raise DataError(
                 f"image {name} is not a readable PNG or JPEG file ({type(exc).__name__})"

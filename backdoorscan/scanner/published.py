@@ -48,6 +48,7 @@ class PublishedDataset(Dataset):
     normalisation: dict[str, Any] = field(default_factory=dict)
     classes: list[str] | None = None
     rows: Any = field(default=None, repr=False, compare=False)  # ImageRows, to close
+    preprocessed: bool = False  # a preprocessor config fixed the channels and size
 
     def close(self) -> None:
         """Close the input files and stop the image decoders."""
@@ -62,20 +63,30 @@ class PublishedDataset(Dataset):
             self.rows.verify()
 
     def fit_size(self, input_shape: Sequence[int | None]) -> None:
-        """Decode images at the model's input size where no size was given or configured."""
-        if self.rows is None or self.rows.prep.size is not None:
+        """Decode images at the model's input size (and channels: 1 grey, 3 RGB) where no
+        size was given or configured."""
+        rows = self.rows
+        if rows is None:
             return
         dims = tuple(input_shape)
-        if len(dims) == 3 and dims[0] in (1, 3) and None not in dims[1:]:
-            self.rows.set_size(int(dims[1]), int(dims[2]))  # type: ignore[arg-type]
-        elif len(dims) == 3 and dims[2] in (1, 3) and None not in dims[:2]:
-            self.rows.set_size(int(dims[0]), int(dims[1]))  # type: ignore[arg-type]
+        if len(dims) == 3 and dims[0] in (1, 3):
+            channels, hw = dims[0], dims[1:]
+        elif len(dims) == 3 and dims[2] in (1, 3):
+            channels, hw = dims[2], dims[:2]
         else:
+            channels, hw = None, (None, None)
+        if channels is not None and channels != rows.prep.channels and not self.preprocessed:
+            rows.prep.channels = int(channels)
+            self.notes.append(f"images read as {'RGB' if channels == 3 else 'greyscale'}")
+        if rows.prep.size is not None:
+            return
+        if None in hw:
             shown = "x".join("?" if d is None else str(d) for d in dims)
             raise DataError(
                 f"the model's input ({shown}) does not say the image size: pass --image-size"
             )
-        self.notes.append(f"images resized to the model's input, {self.rows.prep.size}")
+        rows.set_size(int(hw[0]), int(hw[1]))  # type: ignore[arg-type]
+        self.notes.append(f"images resized to the model's input, {hw[0]}x{hw[1]}")
 
     def describe(self, flagged: np.ndarray) -> dict[str, Any]:
         """For the report's ``data``: the flagged samples by name (file row or image path)
@@ -291,6 +302,7 @@ def _image_paths(
     ds = PublishedDataset(x=rows, y=y, source=str(root), normalisation=norm)  # type: ignore[arg-type]
     ds.reader = rows  # type: ignore[assignment]
     ds.rows = rows
+    ds.preprocessed = bool(info.preprocessor)
     ds.names = lambda i: rows.names[i]
     ds.notes.append(prep.describe())
     return ds
