@@ -163,6 +163,8 @@ def test_an_interrupted_ray_extraction_leaves_no_spill_files(
     ds = load_dataset(str(shards))
     try:
         export = prepare(backdoorscan.adapters.load(DEMO_MODEL)).export
+        with pytest.raises(RayEngineError, match="cannot make a spill folder in"):
+            ray_extract(export, ds, spill_dir=tmp_path / "missing", spill_above=1)
         with pytest.raises(KeyboardInterrupt):
             ray_extract(
                 export, ds, batch_size=300, device="cpu", progress=interrupt, spill_dir=tmp_path,

@@ -133,7 +133,8 @@ def data_spec(dataset: Dataset, x_key: str = "x", y_key: str = "y") -> DataSpec:
 
 class _Extractor:
     """A Ray Data actor: one ONNX Runtime session and the data, opened once; each call runs
-    the ``(start, stop)`` ranges of its batch and returns one row per sample."""
+    the ``(start, stop)`` ranges of its batch and returns one row per sample, or when
+    spilling writes them to one file of the spill folder and returns one row naming it."""
 
     def __init__(
         self, export: OnnxExport, spec: DataSpec, device: str, sketch: dict, spill: str | None
@@ -156,6 +157,8 @@ class _Extractor:
             for start, stop in zip(batch["start"], batch["stop"], strict=True):
                 self._run(int(start), int(stop), out)
         result = {k: np.concatenate(v) for k, v in out.items()}
+        if len(np.unique(result["classes"])) > 1:
+            raise ExtractionError("the number of logits changed between batches")
         from backdoorscan.runtime import session_provider
 
         result["provider"] = np.array([session_provider(self.session)] * len(result["index"]))
@@ -296,7 +299,7 @@ def _first_line(exc: BaseException) -> str:
 class RayRun:
     """Ray, up for one scan: entered, Ray is initialised unless it already is (``address``: a
     cluster such as ``auto``; None: a local instance on this machine's cores); left (on error
-    or interrupt too), the model actor is ended, Ray shut down if it was started here, and the
+    or interrupt too), the model actors are ended, Ray shut down if it was started here, and the
     spill folder removed.
 
     ``spill_dir``: where the spill folder is made (None: the system's temporary folder; on a
@@ -375,7 +378,14 @@ class RayRun:
         row_bytes = 4 * ((export.feature_dim or 0) + sketch_dim) + 8
         if self.spill_above is not None and n * row_bytes >= self.spill_above:
             if self.folder is None:
-                self.folder = Path(tempfile.mkdtemp(prefix="backdoorscan-ray-", dir=self.spill_dir))
+                try:
+                    made = tempfile.mkdtemp(prefix="backdoorscan-ray-", dir=self.spill_dir)
+                except OSError as exc:
+                    where = self.spill_dir or tempfile.gettempdir()
+                    raise RayEngineError(
+                        f"cannot make a spill folder in {where}: {exc.strerror or exc}"
+                    ) from None
+                self.folder = Path(made)
             spill = self.folder
         return _extract(
             self.ray, export, dataset, batch_size, self.device, self.concurrency,
