@@ -143,3 +143,19 @@ def test_token_report_renders_in_chromium(tmp_path: Path) -> None:
     seen = open_in_browser(report.render("html", samples=x), tmp_path)
     assert seen["errors"] == [] and seen["console"] == []
     assert len(seen["images"]) == 2 and all(i["w"] > 0 for i in seen["images"])
+
+
+@pytest.mark.slow
+def test_cnn_report_renders_in_chromium(poisoned_digits: dict, tmp_path: Path) -> None:
+    """A real scan of a CNN (NCHW images, trained by the test suite on digits with 50
+    triggered 7s labelled 1), its report with mosaics drawn from the data file."""
+    from backdoorscan.scanner.pipeline import scan
+
+    report = scan(poisoned_digits["model"], data=poisoned_digits["data"])
+    assert report.poisoned_classes == [1]
+    page = report.render("html")
+    seen = open_in_browser(page, tmp_path)
+    assert seen["errors"] == [] and seen["console"] == []
+    assert len(seen["images"]) == page.count("<img ") >= 10
+    assert all(i["complete"] and i["w"] > 0 for i in seen["images"])
+    assert "mosaic of the suspicious cluster of class 1" in {i["alt"] for i in seen["images"]}
