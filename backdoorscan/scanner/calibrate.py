@@ -59,29 +59,23 @@ def null_test(
     before = probe.predict(x) == label
     trig = found.trigger
     sent = (probe.predict(trig.stamp(x, rng)) == label) & ~before
-    nulls = {}
+    nulls: dict[str, Trigger] = {}
+    cos = None  # how much of the trigger is the genuine difference itself
     between = _between(probe, cluster, label, source, trig, rng)
     if between is not None:
         nulls["between"] = between
         if not trig.tokens:
             t = trig.values.reshape(-1).astype(np.float64)
-            b = between.values.reshape(-1).astype(np.float64)
-            cos = float(t @ b / max(np.linalg.norm(t) * np.linalg.norm(b), 1e-12))
-            orth = Trigger(
-                (t - (t @ b) / max(b @ b, 1e-12) * b).reshape(trig.values.shape),
-                lo=trig.lo,
-                hi=trig.hi,
-            )
-            orth_sent = (probe.predict(orth.stamp(x, rng)) == label) & ~before
-            extra_cos, extra_orth = round(cos, 3), round(float(orth_sent.mean()), 4)
+            d = between.values.reshape(-1).astype(np.float64)
+            cos = float(t @ d / max(np.linalg.norm(t) * np.linalg.norm(d), 1e-12))
     if not trig.tokens:
         noise = rng.standard_normal(trig.values.shape)
         scale = float(np.linalg.norm(trig.values)) / max(float(np.linalg.norm(noise)), 1e-12)
         nulls["noise"] = Trigger(noise * scale, lo=trig.lo, hi=trig.hi)
     rate = float(sent.mean()) if len(sent) else 0.0
     out: dict[str, Any] = {"source": source, "n": len(picks), "rate": round(rate, 4)}
-    if "extra_cos" in locals():
-        out["cos"], out["orth"] = extra_cos, extra_orth
+    if cos is not None:
+        out["cos"] = round(cos, 3)
     worst_rate, worst_p = 0.0, 0.0
     for name, null in nulls.items():
         null_sent = (probe.predict(null.stamp(x, rng)) == label) & ~before
@@ -115,7 +109,7 @@ def _between(
     nn, _ = knn(probe.sketch[queries], probe.sketch[src], k)
     nn_idx = src[nn]
     if trig.tokens:
-        return probe._between_tokens(queries, nn_idx, trig)
+        return _between_tokens(probe, queries, nn_idx, trig)
     xq = probe.data.take(queries).astype(np.float64)
     xn = probe.data.take(nn_idx.ravel()).astype(np.float64)
     xn = xn.reshape(len(queries), k, *xq.shape[1:]).mean(axis=1)
