@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -220,14 +222,21 @@ def load_shards(
     the shards' names and hashes (one line each, in order), and ``path`` is the pattern.
     """
     shards = shard_paths(pattern, x_key, y_key)
-    hashes: list[list[str]] = []
-    manifest = ""
-    for data, labels in shards:  # each file hashed before it is read
-        hashes.append([sha256_file(check_input_file(data, "data"))])
-        manifest += f"{data.name} {hashes[-1][0]}\n"
+    files = [[check_input_file(data, "data")] for data, _ in shards]
+    for fs, (_, labels) in zip(files, shards, strict=True):
         if labels is not None:
-            hashes[-1].append(sha256_file(check_input_file(labels, "labels")))
-            manifest += f"{labels.name} {hashes[-1][1]}\n"
+            fs.append(check_input_file(labels, "labels"))
+    # Each file hashed before it is read; several at once (hashlib and the reads release the
+    # GIL): over many shards the driver's hashing is a pass over all the data.
+    flat = [f for fs in files for f in fs]
+    with ThreadPoolExecutor(max(1, min(len(flat), os.cpu_count() or 1, 8))) as pool:
+        digests = iter(list(pool.map(sha256_file, flat)))
+    hashes = [[next(digests) for _ in fs] for fs in files]
+    manifest = "".join(
+        f"{f.name} {h}\n"
+        for fs, hs in zip(files, hashes, strict=True)
+        for f, h in zip(fs, hs, strict=True)
+    )
     ds = open_shards(shards, x_key=x_key, y_key=y_key, max_bytes=max_bytes, hashes=hashes)
     ds.files = {"path": str(pattern), "sha256": hashlib.sha256(manifest.encode()).hexdigest()}
     ds.notes.append(
