@@ -168,8 +168,7 @@ def isolation_options(fn: Callable[..., Any]) -> Callable[..., Any]:
             "--trust-model",
             is_flag=True,
             help="Load the model file in this process, without the confined worker (see "
-            "SECURITY.md). Needed to retrain (repair, --exre full) a TorchScript or "
-            "torch.export file, whose loading runs the file's own code.",
+            "SECURITY.md): only for files you trust. Needed for --engine ray.",
         ),
     ]
     return stack_options(opts, fn)

@@ -125,6 +125,36 @@ def torchscript_writer(path: Path, marker: Path) -> Path:
     return path
 
 
+def torchscript_setstate_writer(path: Path, marker: Path) -> Path:
+    """A TorchScript archive whose ``__setstate__`` maps ``marker`` with ``aten::from_file(...,
+    shared=True)``: ``torch.jit.load`` itself creates the file, before any check of the loaded
+    code can run (only the worker's confinement stops it)."""
+    import torch
+
+    class Writer(torch.nn.Module):
+        def __init__(self, target: str) -> None:
+            super().__init__()
+            self.target = target
+            self.weight = torch.nn.Parameter(torch.randn(4, 3))
+
+        @torch.jit.export
+        def __getstate__(self) -> tuple[str, torch.Tensor, bool]:
+            return (self.target, self.weight, self.training)
+
+        @torch.jit.export
+        def __setstate__(self, state: tuple[str, torch.Tensor, bool]) -> None:
+            self.target = state[0]
+            self.training = state[2]
+            # Used in the result, so that TorchScript does not drop the call as dead code.
+            self.weight = state[1] + torch.ops.aten.from_file(self.target, True, 16).sum() * 0
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x @ self.weight
+
+    torch.jit.save(torch.jit.script(Writer(str(marker))), str(path))
+    return path
+
+
 def run_torchscript_unsandboxed(path: Path) -> None:
     """Load and run the archive with plain torch (the control: the payload is live)."""
     import torch

@@ -108,6 +108,8 @@ def test_the_default_budget_removes_the_backdoor_and_proves_it(
     doc = json.loads(doc_path.read_text())
     assert code == 0, doc["repair"]["summary"]
     assert doc["repair"]["mode"] == "retrained"
+    # Retrained, measured and rescanned in the confined worker: the file was never loaded here.
+    assert doc["model"]["isolation"].startswith("worker process: seccomp on"), doc["model"]
     # Measured here, independently: the trigger no longer works on the held-out 7s.
     assert _asr(out, case["dir"] / "trigger.npz") < 0.05
     curve = doc["repair"]["curve"]

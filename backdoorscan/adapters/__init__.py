@@ -6,7 +6,6 @@ so that scanning a bare ONNX file needs neither torch nor keras.
 
 from __future__ import annotations
 
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +39,6 @@ __all__ = [
     "Retrainable",
     "from_object",
     "load",
-    "runs_code",
 ]
 
 
@@ -76,27 +74,6 @@ def load(path: str | Path, **options: Any) -> Adapter:
         f"{p.name} has {what}, which names no model format backdoorscan reads; "
         f"supported: {SUPPORTED_FORMATS} (rename the file to its format's extension)"
     )
-
-
-def runs_code(path: str | Path) -> str | None:
-    """The name of the format when loading ``path`` runs code the file carries (TorchScript,
-    a torch.export archive), else None. Read from the zip's member names only: nothing is
-    parsed, nothing framework-specific imported."""
-    p = Path(path)
-    if p.suffix.lower() not in TORCH_SUFFIXES or not p.is_file():
-        return None
-    if p.suffix.lower() == ".pt2":
-        return "a torch.export archive"
-    try:
-        with zipfile.ZipFile(p) as zf:
-            names = {n.split("/", 1)[-1].lower() for n in zf.namelist()}
-    except (zipfile.BadZipFile, OSError, ValueError):
-        return None
-    if "archive_format" in names:
-        return "a torch.export archive"
-    if "constants.pkl" in names or any(n.startswith("code/") for n in names):
-        return "a TorchScript archive"
-    return None
 
 
 def from_object(model: Any, **options: Any) -> Adapter:

@@ -257,6 +257,21 @@ class KerasAdapter:
             target, lambda tmp: self.model.save(tmp), suffix=".keras", make_parents=True
         )
 
+    def to_bytes(self, suffix: str = ".keras") -> bytes:
+        """The ``.keras`` archive :meth:`save` writes, as bytes (a model in a worker process,
+        which may not write files, hands its retrained weights over this way)."""
+        if suffix.lower() != ".keras":
+            raise AdapterError(f"Keras models are saved as .keras files, got {suffix!r}")
+        from keras.src.saving import saving_lib  # Keras 3's saver takes a file object
+
+        buf = io.BytesIO()
+        try:
+            saving_lib.save_model(self.model, buf)
+        except PermissionError:
+            # Keras stages assets in a temporary folder, which a confined worker may not make.
+            return _archive_without_assets(self.model)
+        return buf.getvalue()
+
     # -- inspection and inference ---------------------------------------------------------
 
     def layers(self) -> list[LayerInfo]:
@@ -453,3 +468,33 @@ def _backend_version(keras: Any) -> str:
     if mod and mod in sys.modules:
         return str(getattr(sys.modules[mod], "__version__", ""))
     return ""
+
+
+def _archive_without_assets(model: Any) -> bytes:
+    """A ``.keras`` archive (metadata, config, weights) built in memory, for a model with no
+    assets to stage; a model with assets (vocabularies, lookup tables) is refused in a line."""
+    from keras.src.saving import saving_lib
+
+    with_assets = [layer.name for layer in model._flatten_layers() if hasattr(layer, "save_assets")]
+    if with_assets:
+        raise AdapterError(
+            f"this Keras model carries assets ({', '.join(with_assets[:3])}), which cannot be "
+            "written from the confined model worker; pass --trust-model to save it here"
+        )
+    config_json, metadata_json = saving_lib._serialize_model_as_json(model)
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr(saving_lib._METADATA_FILENAME, metadata_json)
+        zf.writestr(saving_lib._CONFIG_FILENAME, config_json)
+        store = saving_lib.H5IOStore(saving_lib._VARS_FNAME_H5, archive=zf, mode="w")
+        try:
+            saving_lib._save_state(
+                model,
+                weights_store=store,
+                assets_store=None,
+                inner_path="",
+                visited_saveables=set(),
+            )
+        finally:
+            store.close()
+    return buf.getvalue()

@@ -15,7 +15,8 @@ order, before it has read a byte of any model:
    (imports only read files, which both layers allow; this is where libraries start threads);
 6. measures its own size and sets ``RLIMIT_AS``/``RLIMIT_DATA`` to it plus ``max_memory``;
 
-then answers requests (export, layers, session, run) until the scanner says goodbye or goes
+then answers requests (export, layers, session, run, and ``model_*`` on a model it keeps
+for retraining: ``hosted.py``) until the scanner says goodbye or goes
 away. Replies carry JSON and raw numbers only (``protocol.py``); errors are one line.
 """
 
@@ -34,6 +35,8 @@ import tempfile
 from typing import Any
 
 from backdoorscan.sandbox import protocol
+from backdoorscan.sandbox.hosted import OPS as HOSTED_OPS
+from backdoorscan.sandbox.hosted import HostedModels
 from backdoorscan.sandbox.limits import apply_memory_limit, one_line, proc_status
 
 LOG_LIMIT = 8 << 20  # bytes the worker may write to its log (stdout and stderr)
@@ -53,9 +56,12 @@ FRAMEWORK_MODULES = {
     "torch": ("torch", "torch.onnx", "backdoorscan.adapters.torch"),
     "keras": ("keras", "backdoorscan.adapters.keras"),
     "transformers": (
-        "torch", "torch.onnx", "transformers", "backdoorscan.adapters.torch",
+        "torch",
+        "torch.onnx",
+        "transformers",
+        "backdoorscan.adapters.torch",
         "backdoorscan.adapters.hf",
-    ),  # fmt: skip
+    ),
 }
 BASE_MODULES = (
     "numpy",
@@ -83,6 +89,7 @@ class Worker:
         self.sock = sock
         self.sessions: dict[int, tuple[Any, Any]] = {}
         self.next_sid = 1
+        self.hosted = HostedModels()  # retrainable models kept here (repair, ExRe 'full')
         self.test_hooks = test_hooks
 
     # -- setup -------------------------------------------------------------------------------
@@ -94,6 +101,10 @@ class Worker:
         # are refused, and then raises "no usable temporary directory". Name it up front,
         # unprobed: a file written there is refused like any other.
         tempfile.tempdir = os.environ.get("TMPDIR") or "/tmp"
+        # torch's optimisers reach its compiler's cache folder on first use, and make it when
+        # missing (refused here: no mkdir). Point it at a folder that exists; writes into it
+        # stay refused like any other.
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.tempdir
         landlock_status = "off"
         if msg.get("landlock", True):
             from backdoorscan.sandbox import landlock
@@ -195,6 +206,8 @@ class Worker:
             return self.open_session(msg, bufs), []
         if op == "run":
             return self.run(msg, bufs)
+        if op in HOSTED_OPS:
+            return self.hosted.handle(op, msg, bufs)
         if op == "close_session":
             self.sessions.pop(int(msg["sid"]), None)
             return {}, []

@@ -141,15 +141,16 @@ def prepare(
     options: ModelOptions | None = None,
     run_options: RunOptions | None = None,
     *,
-    in_process: bool = False,
+    retrain: bool = False,
 ) -> Prepared:
     """Load a model (a path, an in-memory model or an adapter) and export it with features.
 
     A path is loaded in a confined worker process (``backdoorscan.sandbox``) unless
-    ``run_options.trust_model`` is set or ``in_process`` is asked for (retraining needs the
-    model here); a format whose loading runs the file's own code is then refused without
-    ``trust_model``. Formats that do not record their input (TorchScript, in-memory modules)
-    take the per-sample shape and dtype of ``dataset``.
+    ``run_options.trust_model`` is set. ``retrain`` (repair, ExRe 'full') also gives the
+    prepared model an ``adapter`` that can be trained: a :class:`~backdoorscan.sandbox.remote.
+    RemoteModel` kept in that worker, or the file's adapter here with ``trust_model``. Formats
+    that do not record their input (TorchScript, in-memory modules) take the per-sample shape
+    and dtype of ``dataset``.
     """
     opts = options or ModelOptions()
     ropts = run_options or RunOptions()
@@ -172,25 +173,20 @@ def prepare(
     from backdoorscan.scanner.scanlog import status
 
     status(f"loading {source.name} and exporting it to ONNX with its features...")
-    if ropts.trust_model or in_process:
-        code = adapters.runs_code(source)
-        if code and not ropts.trust_model:
-            raise adapters.AdapterError(
-                f"{source.name} is {code}, whose loading runs code the file carries, and "
-                "retraining needs it loaded in the scanner's own process: pass --trust-model "
-                "only if you trust this file"
-            )
+    if ropts.trust_model:
         adapter = adapters.load(source, **kwargs)
         return Prepared(adapter.to_onnx(opts.layer), adapter, None, source, sha)
     from backdoorscan.sandbox import export_cached
+    from backdoorscan.sandbox.remote import load_remote
 
     worker = open_worker(source, ropts)
     try:
         export = export_cached(worker, source, opts.layer, **kwargs)
+        remote = load_remote(worker, source, **kwargs) if retrain else None
     except BaseException:
         worker.close()
         raise
-    return Prepared(export, None, worker, source, sha)
+    return Prepared(export, remote, worker, source, sha)
 
 
 def list_layers(
@@ -379,10 +375,10 @@ def scan(
     if opts.engine == "ray":  # refused before the data or the model is read
         check_trusted(model, opts.trust_model)
     dataset = load_dataset(data, labels, x=x, y=y, options=opts, model=model)
-    # ExRe 'full' retrains the model, which must then be here rather than in a worker.
+    # ExRe 'full' retrains the model: in its worker, or here with trust_model.
     retrain = ecfg is not None and ecfg.method in ("full", "both")
     try:
-        with prepare(model, dataset, mopts, opts, in_process=retrain) as prepared:
+        with prepare(model, dataset, mopts, opts, retrain=retrain) as prepared:
             load_s = time.perf_counter() - t
             report = run(prepared, dataset, opts, cfg, exre=ecfg, progress=progress)
     finally:

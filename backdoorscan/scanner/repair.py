@@ -258,11 +258,11 @@ def repair(
     if report is not None and report.verdict != "backdoor":
         return _nothing_to_do(report, rcfg.strategy)
     dataset = load_dataset(data, labels, x=x, y=y, options=opts)
-    # Retraining needs the model in this process; a bare ONNX model cannot be retrained, so it
-    # stays in its worker.
+    # A model file is retrained in its worker (with --trust-model here); a bare ONNX model
+    # cannot be retrained: its cleaned data set is written instead.
     onnx_file = isinstance(model, (str, Path)) and Path(model).suffix.lower() == ".onnx"
     try:
-        with prepare(model, dataset, mopts, opts, in_process=not onnx_file) as prepared:
+        with prepare(model, dataset, mopts, opts, retrain=not onnx_file) as prepared:
             return _repair(
                 prepared, model, dataset, output, report, exre, test, trigger_test,
                 data_output, opts, mopts, cfg, rcfg, t0,
@@ -345,7 +345,8 @@ def _repair(
         relabelled data the poison no longer carries its target label)."""
         made = candidate.to_onnx(mopts.layer)
         original = dataclasses.replace(dataset, notes=[])
-        return made, run(Prepared(made, candidate), original, opts, cfg)
+        # A model kept in a worker is run there too (the export came from it).
+        return made, run(Prepared(made, candidate, prepared.worker), original, opts, cfg)
 
     final: tuple[OnnxExport, Report] | None = None
     for epoch in range(1, rcfg.epochs + 1):
@@ -363,11 +364,13 @@ def _repair(
             final = rescan(adapter)
             curve[-1]["rescan"] = final[1].verdict
             if final[1].verdict != "backdoor":
+                _free(best)
                 best, best_epoch = adapter, epoch
                 break
             final = None
         key = _rank(now, before, rcfg)
         if key > best_key:
+            _free(best)
             best, best_key, best_epoch = adapter.clone(), key, epoch
     fit_s = time.perf_counter() - t
     adapter = best
@@ -418,6 +421,13 @@ def _repair(
         after.model["repaired_from"] = str(model)
     after.model["path"] = str(saved)
     return after
+
+
+def _free(model: Any) -> None:
+    """Free a copy kept in a worker process (``RemoteModel.close``); nothing for others."""
+    close = getattr(model, "close", None)
+    if callable(close):
+        close()
 
 
 def _point(m: dict[str, Any]) -> dict[str, Any]:

@@ -216,26 +216,30 @@ class TorchAdapter:
         A state dict goes to a ``.safetensors`` file in that format, anywhere else through
         ``torch.save`` (tensors only); the folder is created where missing.
         """
+        target = Path(path)
+        data = self.to_bytes(target.suffix)
+        return _write(target, lambda tmp: tmp.write_bytes(data))
+
+    def to_bytes(self, suffix: str = ".pt") -> bytes:
+        """The file :meth:`save` writes for a name ending in ``suffix``, as bytes: a model in a
+        worker process, which may not write files, hands its retrained weights over this way."""
         import torch
 
-        target = Path(path)
+        buf = io.BytesIO()
         if self.kind == "module":
             state = {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()}
-            if target.suffix.lower() == ".safetensors":
+            if suffix.lower() == ".safetensors":
                 st = require("safetensors.torch", extra="torch", what="safetensors files")
-                return _write(target, lambda tmp: st.save_file(state, str(tmp)))
-            return _write(target, lambda tmp: torch.save(state, tmp))
-        if self.kind == "script":
-
-            def write_script(tmp: Path) -> None:
-                with quiet():  # torch deprecates TorchScript; this file came in as TorchScript
-                    torch.jit.save(self.module, str(tmp))
-
-            return _write(target, write_script)
-        raw = self._raw
-        if raw is not None:
-            return _write(target, lambda tmp: tmp.write_bytes(raw))
-        return _write(target, lambda tmp: torch.export.save(self.program, str(tmp)))
+                return bytes(st.save(state))
+            torch.save(state, buf)
+        elif self.kind == "script":
+            with quiet():  # torch deprecates TorchScript; this file came in as TorchScript
+                torch.jit.save(self.module, buf)
+        elif self._raw is not None:
+            return bytes(self._raw)
+        else:
+            torch.export.save(self.program, buf)
+        return buf.getvalue()
 
     # -- inspection and inference ----------------------------------------------------------
 

@@ -1,4 +1,5 @@
-"""The torch.export archive guard: refuse a .pt2 that would unpickle, exec or dlopen on load.
+"""The torch.export archive guard: refuse a .pt2 that would unpickle, exec or dlopen on load
+(and, for TorchScript, code that reaches the file system: :func:`check_script`).
 
 ``torch.export.load`` is not safe on its own (see the package docstring): this module reads the
 archive as a zip and refuses pickled weights or constants, compiled code, legacy formats, sample
@@ -236,3 +237,43 @@ def _small_int(node: ast.AST) -> bool:
     if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
         node = node.operand
     return isinstance(node, ast.Constant) and isinstance(node.value, int) and abs(node.value) <= 64
+
+
+# TorchScript operators that reach the file system (a first layer only: the model worker's
+# seccomp filter refuses writes whatever calls them).
+_SCRIPT_DENY = ("from_file", "save", "load", "_save", "_load")
+
+
+def check_script(module: Any, name: str) -> None:
+    """Refuse a loaded TorchScript module whose code calls an operator that reads or writes
+    files (``aten::from_file`` and the like), in any method of any submodule, calls inlined.
+
+    Loading already ran the archive's ``__setstate__`` code (in the worker, confined); this
+    keeps the rest of its code from running at all, and lets ``layers`` say so as well."""
+    for path, sub in module.named_modules():
+        for method in sub._c._method_names():
+            fn = sub._c._get_method(method)
+            try:
+                graph = fn.inlined_graph
+            except RuntimeError:
+                graph = fn.graph
+            bad = _script_kind(graph.block())
+            if bad is not None:
+                where = f"{path}.{method}" if path else method
+                raise AdapterError(
+                    f"refusing {name}: its TorchScript method {where} calls {bad}, which reaches "
+                    "the file system; save a state dict instead, or export the model to ONNX"
+                )
+
+
+def _script_kind(block: Any) -> str | None:
+    """The first denied operator kind in ``block`` and its nested blocks, else None."""
+    for node in block.nodes():
+        kind = node.kind()
+        if kind.partition("::")[2] in _SCRIPT_DENY:
+            return kind
+        for inner in node.blocks():
+            bad = _script_kind(inner)
+            if bad is not None:
+                return bad
+    return None

@@ -18,7 +18,7 @@ from backdoorscan._io import sha256_file
 from backdoorscan.adapters._util import few, quiet, require
 from backdoorscan.adapters.base import AdapterError
 from backdoorscan.adapters.torch._adapter import TorchAdapter
-from backdoorscan.adapters.torch._guard import validate_pt2
+from backdoorscan.adapters.torch._guard import check_script, validate_pt2
 
 _SAVE_HINT = (
     "save the weights only, with torch.save(model.state_dict(), path), and pass the "
@@ -283,11 +283,27 @@ def _load_script(p: Path, sha: str, shape: tuple[int, ...] | None, dtype: str) -
         with quiet():
             module = torch.jit.load(str(p), map_location="cpu")
     except Exception as e:
-        raise AdapterError(f"{p.name} is not a TorchScript archive torch can load: {e}") from e
+        raise AdapterError(
+            f"{p.name} is not a TorchScript archive torch can load: {_script_error(e)}"
+        ) from e
+    check_script(module, p.name)
     module.eval()
     return TorchAdapter(
         module, kind="script", input_shape=shape, input_dtype=dtype, source=p, sha256=sha
     )
+
+
+def _script_error(exc: Exception) -> str:
+    """The cause of a failed TorchScript load in one line: the interpreter's own report
+    (its first line only announces a traceback) or, where the archive's code was stopped from
+    reaching the file system, that."""
+    text = str(exc)
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    if any(m in text for m in ("Operation not permitted", "Permission denied")):
+        return "its code tried to open a file while loading, which was refused"
+    if lines and lines[0].startswith("The following operation failed"):
+        return lines[-1]
+    return text
 
 
 def _load_program(p: Path, sha: str, shape: tuple[int, ...] | None, dtype: str) -> TorchAdapter:
