@@ -173,7 +173,8 @@ def _wrap(model: Any, task: str, pad: int) -> Any:
         def forward(self, pixels: torch.Tensor) -> torch.Tensor:
             return self.model(pixel_values=pixels).logits
 
-    return TokenClassifier() if task == "text" else PixelClassifier()
+    wrapper = TokenClassifier() if task == "text" else PixelClassifier()
+    return wrapper.eval()  # a new module starts in training mode (dropout, batch statistics)
 
 
 def load(

@@ -374,6 +374,11 @@ def scan(
     ecfg = exre_config(exre, cfg.seed)
     if opts.engine == "ray":  # refused before the data or the model is read
         check_trusted(model, opts.trust_model)
+        if isinstance(data, (str, Path)) and is_published(data):
+            raise DataError(
+                "--engine ray reads .npz data (one file or a glob of shards); scan a table or "
+                "an image folder with the local engine"
+            )
     dataset = load_dataset(data, labels, x=x, y=y, options=opts, model=model)
     # ExRe 'full' retrains the model: in its worker, or here with trust_model.
     retrain = ecfg is not None and ecfg.method in ("full", "both")
