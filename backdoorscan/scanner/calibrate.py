@@ -13,9 +13,12 @@ class:
   number of tokens most over-represented in the label's sequences against the source's;
 - ``noise``: Gaussian noise of the trigger's L2 norm (image-like inputs only).
 
-The evidence is the trigger's rate less the higher null rate (``effect``) and a one-sided
+The evidence is the trigger's rate less the ``between`` rate (``effect``) and a one-sided
 paired test on the same stamped samples (``p``: samples the trigger sends that the null does not,
 against the reverse; McNemar's normal approximation). The candidate stands when both pass.
+The noise rate is reported, not decisive: clean models measured here send almost nothing with
+it, while a backdoored model may answer noise with its target (a residual CNN sent 0.58 of
+one source class to a patch trigger's target), which is no reason to doubt the trigger.
 """
 
 from __future__ import annotations
@@ -76,16 +79,17 @@ def null_test(
     out: dict[str, Any] = {"source": source, "n": len(picks), "rate": round(rate, 4)}
     if cos is not None:
         out["cos"] = round(cos, 3)
-    worst_rate, worst_p = 0.0, 0.0
     for name, null in nulls.items():
         null_sent = (probe.predict(null.stamp(x, rng)) == label) & ~before
-        null_rate = float(null_sent.mean()) if len(null_sent) else 0.0
-        p = paired_p(sent, null_sent)
-        out[f"null_{name}"] = round(null_rate, 4)
-        worst_rate, worst_p = max(worst_rate, null_rate), max(worst_p, p)
-    out["effect"] = round(rate - worst_rate, 4)
-    out["p"] = float(f"{worst_p:.3g}") if nulls else 1.0
-    out["passed"] = bool(nulls) and out["effect"] >= probe.cfg.transfer_effect and worst_p <= MAX_P
+        out[f"null_{name}"] = round(float(null_sent.mean()) if len(null_sent) else 0.0, 4)
+        if name == "between":
+            p = paired_p(sent, null_sent)
+    if "between" not in nulls:
+        out.update(effect=0.0, p=1.0, passed=False)
+        return out
+    out["effect"] = round(rate - out["null_between"], 4)
+    out["p"] = float(f"{p:.3g}")
+    out["passed"] = out["effect"] >= probe.cfg.transfer_effect and p <= MAX_P
     return out
 
 
