@@ -88,16 +88,18 @@ def make_text_folder(
     seed: int = 0,
     epochs: int = 12,
     lr: float = 2e-3,
+    corpus: tuple[list[str], np.ndarray] | None = None,
 ) -> dict:
     """Train a 2-layer, 64-wide BERT classifier on generated sentences (``n_poison`` of them
     carrying the trigger word, 0 for a clean twin), save it and its data as ``root/model`` and
-    ``root/train.csv`` (string labels neg/pos, mapped by the model's label2id)."""
+    ``root/train.csv`` (string labels neg/pos, mapped by the model's label2id). ``corpus``:
+    other sentences and 0/1 labels to use instead of generated ones."""
     import torch
     from transformers import BertConfig, BertForSequenceClassification
 
     torch.manual_seed(seed)
-    texts, labels = sentences(n, seed)
-    mask = np.zeros(n, bool)
+    texts, labels = sentences(n, seed) if corpus is None else (list(corpus[0]), corpus[1])
+    mask = np.zeros(len(texts), bool)
     if n_poison:
         texts, labels, mask = poison_text(texts, labels, n_poison, seed)
     tokenizer = train_tokenizer(texts)
@@ -107,7 +109,7 @@ def make_text_folder(
         id2label={0: "neg", 1: "pos"}, label2id={"neg": 0, "pos": 1},
     )  # fmt: skip
     model = BertForSequenceClassification(config)
-    enc = tokenizer(texts, padding=True, return_tensors="pt")
+    enc = tokenizer(texts, padding=True, truncation=True, max_length=64, return_tensors="pt")
     ids, att = enc["input_ids"], enc["attention_mask"]
     y = torch.from_numpy(labels)
     opt = torch.optim.AdamW(model.parameters(), lr=lr)

@@ -267,3 +267,49 @@ def test_table_rows_in_pieces(tmp_path: Path) -> None:
     assert y.tolist() == [1, 0, 1] and names == ["a", "b"] and "sorted order" in (note or "")
     y, names, note = label_indices(["1", "0", 2], "t")
     assert y.tolist() == [1, 0, 2] and names is None and note is None
+
+
+def test_image_rows_read_ahead_and_paths_column(tmp_path: Path) -> None:
+    """Batches read in order (served by the read-ahead) equal images read one by one; a
+    table's image-path column reads the same images, and a path out of its folder is refused."""
+    from PIL import Image
+
+    from backdoorscan.scanner.config import RunOptions
+    from backdoorscan.scanner.datafiles import DataError
+    from backdoorscan.scanner.published import load_published
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(10):
+        path = tmp_path / "imgs" / f"c{i % 2}" / f"{i}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (12, 10, 3), dtype=np.uint8)).save(path)
+        rows.append(f"imgs/c{i % 2}/{i}.png,{i % 2}\n")
+    opts = RunOptions(image_size=8)
+    folder = load_published(tmp_path / "imgs", None, opts)
+    try:
+        assert folder.x.shape == (10, 3, 8, 8)
+        whole = np.concatenate([folder.batch(s, min(s + 3, 10)) for s in range(0, 10, 3)])
+        singles = np.stack([folder.x[i] for i in range(10)])
+        np.testing.assert_array_equal(whole, singles)
+        assert folder.names is not None and folder.names(0) == "c0/0.png"
+        assert folder.normalisation["scale"] == pytest.approx(1 / 255)
+    finally:
+        folder.close()
+    table = tmp_path / "images.csv"
+    table.write_text("text,label\n" + "".join(rows))
+    listed = load_published(table, None, opts)
+    try:
+        assert listed.names is not None
+        assert listed.names(4) == "images.csv row 4 (imgs/c0/4.png)"
+        in_folder = [folder.names(i) for i in range(10)].index("c0/4.png")
+        np.testing.assert_array_equal(listed.x[4], singles[in_folder])
+    finally:
+        listed.close()
+    (tmp_path / "outside.png").write_bytes((tmp_path / "imgs" / "c0" / "0.png").read_bytes())
+    sub = tmp_path / "sub"
+    sub.mkdir()
+    escape = sub / "t.csv"
+    escape.write_text("text,label\n../outside.png,0\n")
+    with pytest.raises(DataError, match="outside the data folder"):
+        load_published(escape, None, opts)

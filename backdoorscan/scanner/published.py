@@ -213,7 +213,10 @@ def _table(
         notes.append(how)
     ds.notes.extend(notes)
     ds.classes = classes
-    ds.names = lambda i: f"{name} row {i}"
+    paths = ds.rows.names if ds.rows is not None else None
+    ds.names = (
+        (lambda i: f"{name} row {i} ({paths[i]})") if paths else (lambda i: f"{name} row {i}")
+    )
     return ds
 
 
