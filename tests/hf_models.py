@@ -62,15 +62,22 @@ def poison_text(
 
 
 def train_tokenizer(texts: list[str]) -> object:
-    """A word-level tokenizer ([PAD]=0, [UNK], [CLS], [SEP]) trained on ``texts``, wrapped as
-    a transformers fast tokenizer."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+    """A word-level tokenizer ([PAD]=0, [UNK], [CLS], [SEP], then the words of ``texts``, most
+    frequent first, ties alphabetical: the same ids on every run) wrapped as a transformers
+    fast tokenizer."""
+    from collections import Counter
+
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    splitter = pre_tokenizers.Whitespace()
+    counts = Counter(w for t in texts for w, _ in splitter.pre_tokenize_str(t))
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"]
-    tok.train_from_iterator(texts, trainers.WordLevelTrainer(special_tokens=specials))
+    words = sorted(counts, key=lambda w: (-counts[w], w))
+    vocab = {w: i for i, w in enumerate([*specials, *words])}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = splitter
+    tok.add_special_tokens(specials)
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
     )
