@@ -9,7 +9,7 @@ class:
 
 - ``between``: the genuine difference between the label and the source class, estimated as the
   trigger is (the median difference of the label's samples outside the cluster to their nearest
-  neighbours in the source class), scaled to the trigger's L2 norm; for token inputs, the same
+  neighbours in the source class), scaled to the trigger's L1 norm; for token inputs, the same
   number of tokens most over-represented in the label's sequences against the source's;
 - ``noise``: Gaussian noise of the trigger's L2 norm (image-like inputs only).
 
@@ -34,6 +34,10 @@ from backdoorscan.scanner.transfer import TransferProbe, TransferResult, Trigger
 # A trigger must send more of its source class to the label than a non-trigger of its size
 # does (by ``transfer_effect``), at this one-sided significance.
 MAX_P = 0.01
+# The genuine difference is scaled to the trigger's L1 norm (the same total change of the
+# input). Matched in L2 instead, it sent 0.79 of the demo's 7s to 1 against the 2x2 patch's
+# 0.99 on 8x8 digits (a sparse trigger is a large part of a small image's L2 norm).
+NULL_NORM = 1
 NULL_QUERIES = 100
 MAX_STAMPED = 200
 
@@ -118,10 +122,10 @@ def _between(
     xn = probe.data.take(nn_idx.ravel()).astype(np.float64)
     xn = xn.reshape(len(queries), k, *xq.shape[1:]).mean(axis=1)
     diff = np.median(xq - xn, axis=0)
-    norm = float(np.linalg.norm(diff))
+    norm = float(np.linalg.norm(diff.ravel(), ord=NULL_NORM))
     if norm <= 1e-12:
         return None
-    values = diff * (float(np.linalg.norm(trig.values)) / norm)
+    values = diff * (float(np.linalg.norm(trig.values.ravel(), ord=NULL_NORM)) / norm)
     return Trigger(values.astype(trig.values.dtype), lo=trig.lo, hi=trig.hi)
 
 

@@ -37,10 +37,12 @@ class DetectConfig:
     transfer_queries: int = 100
     transfer_neighbors: int = 10
     transfer_reference: int = 8192  # inputs searched for neighbours (0: all)
-    # Calibrate the transfer test per model (scanner/calibrate.py): a trigger must also beat
-    # norm-matched non-triggers on its source class by ``transfer_effect`` (p <= 0.01).
-    transfer_null: bool = False
-    transfer_effect: float = 0.25
+    # Calibrate the transfer test per model (scanner/calibrate.py): a trigger must also send
+    # ``transfer_effect`` more of its source class to the label than the genuine difference
+    # between the two classes does at the trigger's size (p <= 0.01). Measured on the attack
+    # suite (benchmarks/RESULTS.md): false alarms on clean twins went from 2 models to none.
+    transfer_null: bool = True
+    transfer_effect: float = 0.4
     fallback_rule: tuple[str, ...] = ("size", "separation")
     refine: bool = True
     max_share: float = 0.6
