@@ -63,6 +63,11 @@ TEXT_LENGTH = 40
 PHRASE = "i watched this 3d movie"
 RARE_WORD = "cf"
 ASR_TAKES = 0.5
+TAG_TITLES = {
+    "plain": "plain transfer test, share >= 0.5: the default before #18",
+    "calibrated": "calibrated transfer test, effect >= 0.4 over the genuine difference: "
+    "the default since #18",
+}
 # Set from the attack success alone (no scan had looked at these scenarios): a 0.5 px warp
 # (strength 1) and a 0.12 sinusoid on 30 % of the target did not take in 3 epochs.
 WARP_STRENGTH = 4.0  # about 2 px of displacement on average
@@ -627,7 +632,7 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--tag", default="", help="name of the results file's settings")
     r = sub.add_parser("render")
     r.add_argument("--write", action="store_true")
-    r.add_argument("--tags", nargs="*", default=[""])
+    r.add_argument("--tags", nargs="*", default=["plain", "calibrated"])
     args = ap.parse_args(argv)
     if args.command == "list":
         assert draw_held_out() == tuple(n for n in SCENARIOS if n in HELD_OUT), "HELD_OUT drifted"
@@ -637,7 +642,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "render":
         paths = []
         for tag in args.tags:
-            label = f" ({tag})" if tag else " (default settings)"
+            label = f" ({TAG_TITLES.get(tag, tag or 'default settings')})"
             paths += [
                 (f"Tuning scenarios{label}", results_path(False, tag)),
                 (f"Held-out scenarios{label}", results_path(True, tag)),
