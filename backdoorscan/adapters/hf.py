@@ -254,3 +254,61 @@ def load(
         cache_parts={"config": config_sha, "pad": pad, "task": task, "hf": True},
     )
     return adapter
+
+
+MAX_TOKENIZER_BYTES = 256 << 20
+MAX_TEXT_LENGTH = 512
+
+
+def tokenize(
+    folder: str | Path,
+    texts: list[str],
+    max_length: int,
+    pad_token_id: int | None = None,
+) -> tuple[Any, int, list[int], int]:
+    """Token ids ``[N, L]`` (int32) of ``texts`` by ``folder/tokenizer.json`` (the
+    ``tokenizers`` library), truncated to ``max_length`` and padded to the longest; returns
+    them, the pad id (the tokenizer's, else ``pad_token_id``), the special tokens' ids and how
+    many texts were truncated. Run in the model worker: the tokenizer is the folder's."""
+    import numpy as np
+
+    path = Path(folder) / "tokenizer.json"
+    if not path.is_file():
+        raise AdapterError(
+            "text data needs the model folder's tokenizer.json (the fast tokenizer's file: "
+            "tokenizer.save_pretrained(FOLDER) writes it); the model given has none"
+        )
+    tokenizers = require("tokenizers", extra="hf", what="Texts")
+    if path.stat().st_size > MAX_TOKENIZER_BYTES:
+        raise AdapterError(f"{path.name} is larger than {MAX_TOKENIZER_BYTES >> 20} MiB")
+    try:
+        tok = tokenizers.Tokenizer.from_file(str(path))
+    except Exception as exc:
+        first = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+        raise AdapterError(f"{path.name} is not a readable tokenizer file ({first})") from None
+    tok.no_padding()
+    tok.enable_truncation(max_length=max(1, min(int(max_length), MAX_TEXT_LENGTH)))
+    special = sorted(int(i) for i, t in tok.get_added_tokens_decoder().items() if t.special)
+    pad = _pad_id(tok, pad_token_id)
+    enc = tok.encode_batch([str(t) for t in texts])
+    length = max(1, max((len(e.ids) for e in enc), default=1))
+    ids = np.full((len(enc), length), pad, dtype=np.int32)
+    for row, e in zip(ids, enc, strict=True):
+        row[: len(e.ids)] = e.ids
+    return ids, pad, special, sum(1 for e in enc if e.overflowing)
+
+
+def _pad_id(tok: Any, fallback: int | None) -> int:
+    padding = tok.padding
+    if padding and isinstance(padding.get("pad_id"), int):
+        return int(padding["pad_id"])
+    for name in ("[PAD]", "<pad>", "<|pad|>"):
+        found = tok.token_to_id(name)
+        if found is not None:
+            return int(found)
+    if fallback is not None:
+        return int(fallback)
+    raise AdapterError(
+        "the tokenizer names no padding token and config.json no pad_token_id: texts of "
+        "different lengths cannot be batched"
+    )

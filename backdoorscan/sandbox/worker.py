@@ -202,6 +202,13 @@ class Worker:
             rows = adapters.load(msg["path"], **msg.get("options", {})).layers()
             table = [[r.name, r.op_type, list(r.shape), bool(r.default)] for r in rows]
             return {"layers": table}, []
+        if op == "tokenize":  # a model folder's tokenizer.json, on the scanner's texts
+            from backdoorscan.adapters import hf
+
+            ids, pad, special, cut = hf.tokenize(
+                msg["path"], msg["texts"], msg["max_length"], msg.get("pad")
+            )
+            return {"pad": pad, "special": special, "truncated": cut}, [ids]
         if op == "session":
             return self.open_session(msg, bufs), []
         if op == "run":

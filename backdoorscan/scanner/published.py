@@ -29,7 +29,6 @@ from backdoorscan.scanner.tables import TABLE_SUFFIXES, is_table, label_indices,
 __all__ = ["FolderInfo", "PublishedDataset", "folder_info", "is_published", "load_published"]
 
 MAX_JSON_BYTES = 4 << 20  # config.json, preprocessor_config.json, tokenizer_config.json
-MAX_TOKENIZER_BYTES = 256 << 20
 DEFAULT_MAX_LENGTH = 128
 IMAGE_SCALE = 1 / 255
 
@@ -206,7 +205,7 @@ def _table(
                 f"{name} column {text_col!r} holds a {type(bad).__name__}, not text or an "
                 "image path"
             )
-        ids, pad, special, how = tokenize(values, info, options.max_length)
+        ids, pad, special, how = tokenize(values, info, options.max_length, options)
         base = from_arrays(ids, y, source=f"{name}[{text_col}]")
         ds = PublishedDataset(x=base.x, y=base.y, source=base.source, pad_id=pad,
                               special_ids=special)  # fmt: skip
@@ -312,63 +311,55 @@ def _image_paths(
 
 
 def tokenize(
-    texts: Sequence[str], info: FolderInfo, max_length: int | None = None
+    texts: Sequence[str],
+    info: FolderInfo,
+    max_length: int | None = None,
+    options: RunOptions | None = None,
 ) -> tuple[np.ndarray, int, tuple[int, ...], str]:
     """Token ids ``[N, L]`` (int32) of ``texts`` by the folder's tokenizer, truncated to
-    ``max_length`` (else the model's limit, else 128) and padded to the longest one; the pad
-    id, the special tokens' ids and a note for the report."""
+    ``max_length`` (else the model's limit, else 128, at most 512) and padded to the longest
+    one; the pad id, the special tokens' ids and a note for the report. The tokenizer is the
+    model folder's, so it runs in a model worker (bounded in memory and time) unless
+    ``options.trust_model``."""
+    from backdoorscan.adapters import AdapterError, hf
+
     if info.tokenizer is None:
         raise DataError(
             "text data needs the model folder's tokenizer.json (the fast tokenizer's file: "
             "tokenizer.save_pretrained(FOLDER) writes it); the model given has none"
         )
-    try:
-        from tokenizers import Tokenizer
-    except ImportError:
-        raise DataError(
-            'tokenising text needs the tokenizers package: pip install "backdoorscan[hf]"'
-        ) from None
-    path = info.tokenizer
-    if path.stat().st_size > MAX_TOKENIZER_BYTES:
-        raise DataError(f"{path} is larger than {MAX_TOKENIZER_BYTES >> 20} MiB")
-    try:
-        tok = Tokenizer.from_file(str(path))
-    except Exception as exc:
-        first = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
-        raise DataError(f"{path} is not a readable tokenizer file ({first})") from None
+    folder = info.tokenizer.parent
     limit = max_length or min(info.max_length or DEFAULT_MAX_LENGTH, 512)
-    tok.no_padding()
-    tok.enable_truncation(max_length=limit)
-    special = tuple(sorted(int(i) for i, t in tok.get_added_tokens_decoder().items() if t.special))
-    pad = _pad_id(tok, info)
-    enc = tok.encode_batch([str(t) for t in texts])
-    length = max(1, max(len(e.ids) for e in enc))
-    ids = np.full((len(enc), length), pad, dtype=np.int32)
-    for row, e in zip(ids, enc, strict=True):
-        row[: len(e.ids)] = e.ids
-    cut = sum(1 for e in enc if e.overflowing)
+    opts = options or RunOptions()
+    try:
+        if opts.trust_model:
+            ids, pad, special, cut = hf.tokenize(folder, list(texts), limit, info.pad_token_id)
+            where = "in this process (--trust-model)"
+        else:
+            ids, pad, special, cut = _tokenize_isolated(folder, texts, limit, info, opts)
+            where = "in a worker process"
+    except AdapterError as exc:
+        raise DataError(str(exc)) from None
     how = (
-        f"texts tokenised with {path.parent.name}/tokenizer.json to {length} tokens (pad id "
-        f"{pad}; the attention mask is ids != pad)"
+        f"texts tokenised with {folder.name}/tokenizer.json {where} to {ids.shape[1]} tokens "
+        f"(pad id {pad}; the attention mask is ids != pad)"
         + (f"; {cut} texts truncated at {limit}" if cut else "")
     )
-    return ids, pad, special, how
+    return ids, pad, tuple(special), how
 
 
-def _pad_id(tok: Any, info: FolderInfo) -> int:
-    padding = tok.padding
-    if padding and isinstance(padding.get("pad_id"), int):
-        return int(padding["pad_id"])
-    for name in ("[PAD]", "<pad>", "<|pad|>"):
-        found = tok.token_to_id(name)
-        if found is not None:
-            return int(found)
-    if info.pad_token_id is not None:
-        return info.pad_token_id
-    raise DataError(
-        "the tokenizer names no padding token and config.json no pad_token_id: texts of "
-        "different lengths cannot be batched"
-    )
+def _tokenize_isolated(
+    folder: Path, texts: Sequence[str], limit: int, info: FolderInfo, opts: RunOptions
+) -> tuple[np.ndarray, int, list[int], int]:
+    from backdoorscan.sandbox import Limits, ModelWorker, SandboxError
+    from backdoorscan.sandbox.tokenize import tokenize_in
+
+    limits = Limits(max_memory=opts.max_memory, timeout=opts.timeout, allow_read=[folder.resolve()])
+    try:
+        with ModelWorker(limits) as worker:
+            return tokenize_in(worker, folder, list(texts), limit, info.pad_token_id)
+    except SandboxError as exc:
+        raise DataError(str(exc)) from None
 
 
 def table_suffixes() -> str:
