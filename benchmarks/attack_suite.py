@@ -63,6 +63,33 @@ TEXT_LENGTH = 40
 PHRASE = "i watched this 3d movie"
 RARE_WORD = "cf"
 ASR_TAKES = 0.5
+FINDINGS = """What it shows (2026-11-29, issue #18):
+
+- Found by the plain default (F1 >= 0.95, source right): BadNets at 10 % on the plain CNN, the \
+ResCNN and the Keras model; all-to-all at 5 % on MNIST (10 of 10 classes, every source right); \
+two triggers toward two targets (ResCNN, Keras); the trigger phrase on the text CNN; held out: \
+all-to-one on MNIST (1.000) and the blend on the MNIST ResCNN (0.985, but suspected source 1 \
+where the truth is 7).
+- Missed: the warp (ASR 0.94, both data sets), the rare word on both text models and the phrase \
+on the bag-of-embeddings model (ASR 0.96-0.99: k-means does not isolate them), BadNets at 1 % \
+and 5 % on the held-out MNIST CNN (10 and 49 samples, ASR 0.74 and 0.98: no candidate reached \
+a transfer share of 0.3), SIG on MNIST (ASR 0.66). All-to-one on the Fashion ResCNN: F1 0.47 \
+(the flagged cluster holds 0.31 of the poison). SIG on Fashion (held out): the poison class is \
+found (TPR 0.998) beside a false class, F1 0.49.
+- False alarms: a genuine mode of Fashion-MNIST's class 8 (bag, about half the class) sends \
+0.58-0.66 of the shoe classes to 8, on the clean Fashion CNN at 3 and at 5 epochs (both seeds) \
+and beside the poison; a clean Keras MNIST model flags class 8 (0.70 of class 1 sent).
+- The calibrated transfer test (`transfer_null=True`, scanner/calibrate.py: effect over the \
+genuine label-minus-source difference at the trigger's L1 norm >= 0.4, paired p <= 0.01) \
+cleared every false alarm of the tuning twins and kept every tuning detection but the Fashion \
+blend (F1 0.25 -> 0). On the held-out scenarios it did worse than the plain test: it lost the \
+MNIST blend (the ResCNN answers noise and the genuine difference of that size as it answers \
+the blend: 0.985 and 0.98 against 0.995) and the SIG class (effect 0.36), and it kept the bag \
+mode (effect 0.44-0.50). It stays off by default; its figures are in the report's `evidence`.
+- Paper set with the calibration on (mnist_l2l1_10, mnist_clean, rt_text, rt_clean): unchanged \
+(F1 1.000, clean models clean; effects 0.87-0.92 on mnist_l2l1_10), scan CPU on mnist_l2l1_10 \
+12.0-12.6 s -> 15.5 s.
+"""
 TAG_TITLES = {
     "plain": "plain transfer test, share >= 0.5: the default before #18",
     "calibrated": "calibrated transfer test, effect >= 0.4 over the genuine difference: "
@@ -595,6 +622,8 @@ def render(paths: list[tuple[str, Path]]) -> str:
         "",
         f"Held out (drawn with seed 18 before any run, seed 1 models, run once at the end): "
         f"{', '.join(HELD_OUT)}.",
+        "",
+        FINDINGS,
         "",
     ]
     for title, path in paths:

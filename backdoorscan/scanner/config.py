@@ -39,9 +39,10 @@ class DetectConfig:
     transfer_reference: int = 8192  # inputs searched for neighbours (0: all)
     # Calibrate the transfer test per model (scanner/calibrate.py): a trigger must also send
     # ``transfer_effect`` more of its source class to the label than the genuine difference
-    # between the two classes does at the trigger's size (p <= 0.01). Measured on the attack
-    # suite (benchmarks/RESULTS.md): false alarms on clean twins went from 2 models to none.
-    transfer_null: bool = True
+    # between the two classes does at the trigger's size (p <= 0.01). Off by default: on the
+    # attack suite (benchmarks/RESULTS.md) it cleared the tuning twins' false alarms but, on
+    # the held-out scenarios, lost a blend and a SIG and kept a twin's false alarm.
+    transfer_null: bool = False
     transfer_effect: float = 0.4
     fallback_rule: tuple[str, ...] = ("size", "separation")
     refine: bool = True
