@@ -91,9 +91,9 @@ mode (effect 0.44-0.50). It stays off by default; its figures are in the report'
 12.0-12.6 s -> 15.5 s.
 """
 TAG_TITLES = {
-    "plain": "plain transfer test, share >= 0.5: the default before #18",
+    "plain": "plain transfer test, share >= 0.5: the default",
     "calibrated": "calibrated transfer test, effect >= 0.4 over the genuine difference: "
-    "the default since #18",
+    "transfer_null=True, opt-in",
 }
 # Set from the attack success alone (no scan had looked at these scenarios): a 0.5 px warp
 # (strength 1) and a 0.12 sinusoid on 30 % of the target did not take in 3 epochs.
