@@ -76,6 +76,11 @@ and 5 % on the held-out MNIST CNN (10 and 49 samples, ASR 0.74 and 0.98: no cand
 a transfer share of 0.3), SIG on MNIST (ASR 0.66). All-to-one on the Fashion ResCNN: F1 0.47 \
 (the flagged cluster holds 0.31 of the poison). SIG on Fashion (held out): the poison class is \
 found (TPR 0.998) beside a false class, F1 0.49.
+- Why (table below): on BadNets 1 % and 5 %, the rare word and the bag model's phrase the \
+transfer test passes on the true poison (0.82-0.99) but the asked clusters that hold it are \
+impure (poison 2-26 % of their members), and their median difference is no trigger; on the \
+warp the estimate fails even on the true poison (0.10), though on the Fashion ResCNN a cluster \
+is the poison exactly (recall 1.00, purity 0.99); SIG: 0.33 on the true poison.
 - False alarms: a genuine mode of Fashion-MNIST's class 8 (bag, about half the class) sends \
 0.58-0.66 of the shoe classes to 8, on the clean Fashion CNN at 3 and at 5 epochs (both seeds) \
 and beside the poison; a clean Keras MNIST model flags class 8 (0.70 of class 1 sent).
@@ -626,6 +631,20 @@ def render(paths: list[tuple[str, Path]]) -> str:
         FINDINGS,
         "",
     ]
+    diag = WORK_DIR / "attack_suite_diag.md"
+    if diag.exists():
+        out += [
+            "### Why missed (`benchmarks/attack_suite_diag.py`, plain default)",
+            "",
+            "The transfer test run on the true poison of the target class (an oracle cluster), "
+            "beside the asked cluster that held the most poison. A share >= 0.5 on the true "
+            "poison with impure clusters: the clustering missed it (the median difference of a "
+            "cluster where poison is a quarter or less is not the trigger). A low share even on "
+            "the true poison: the median-difference estimate is not the trigger (warp, SIG).",
+            "",
+            *diag.read_text().strip().splitlines(),
+            "",
+        ]
     for title, path in paths:
         if not path.exists():
             continue
