@@ -175,8 +175,9 @@ def test_broken_data(case: str, tmp_path: Path, model: Path) -> None:
 def test_missing_and_folder_paths(tmp_path: Path, model: Path) -> None:
     code, _, err = hostile.run_cli("scan", model, "--data", tmp_path / "nope.npz", "-q")
     assert code == 2 and "data file not found" in err, err
+    # A folder is read as images, one sub-folder per class (#16): one without any is refused.
     code, _, err = hostile.run_cli("scan", model, "--data", tmp_path, "-q")
-    assert code == 2 and "is a folder, not a file" in err
+    assert code == 2 and "has no class sub-folders" in err, err
 
 
 # -- pickles hidden in data files -------------------------------------------------------------
