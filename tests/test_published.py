@@ -17,8 +17,6 @@ pytest.importorskip("torch")
 pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
-import hf_models as hm  # tests/ is on sys.path (conftest.py)
-
 TESTS = Path(__file__).resolve().parent
 
 
@@ -31,6 +29,42 @@ def run(*args: str | Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
 
 
+def built(maker: str, root: Path, **kw: object) -> dict:
+    """``hf_models.<maker>(root, **kw)`` run in a fresh interpreter (one thread), so that
+    training a transformers model leaves nothing behind in this test process (a repair test
+    run after it in the same process retrained differently); arrays come back through an
+    .npz, the rest through JSON."""
+    code = (
+        "import json, sys, numpy as np, torch\n"
+        "torch.set_num_threads(1)\n"
+        "import hf_models as hm\n"
+        "root, kw = sys.argv[1], json.loads(sys.argv[2])\n"
+        f"r = hm.{maker}(__import__('pathlib').Path(root), **kw)\n"
+        "arrays = {k: v for k, v in r.items() if isinstance(v, np.ndarray)}\n"
+        "np.savez(root + '/_case.npz', **arrays)\n"
+        "def plain(v):\n"
+        "    if isinstance(v, (int, float)):\n"
+        "        return v\n"
+        "    return [str(x) for x in v] if isinstance(v, list) else str(v)\n"
+        "rest = {k: plain(v) for k, v in r.items() if k not in arrays}\n"
+        "print(json.dumps(rest))\n"
+    )
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(root), json.dumps(kw)],
+        capture_output=True, text=True, timeout=600, env=env, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    case: dict = json.loads(proc.stdout.strip().splitlines()[-1])
+    for key in ("model", "data"):
+        case[key] = Path(case[key])
+    with np.load(root / "_case.npz") as arrays:
+        case.update({k: arrays[k] for k in arrays.files})
+    return case
+
+
 def f1(flagged: np.ndarray, truth: np.ndarray) -> float:
     tp = int((flagged & truth).sum())
     if tp == 0:
@@ -41,17 +75,17 @@ def f1(flagged: np.ndarray, truth: np.ndarray) -> float:
 
 @pytest.fixture(scope="module")
 def bert(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    import torch
-
-    torch.set_num_threads(1)
-    # Seed 2 of 0-2: on seeds 0 and 1 the clustering of this tiny model splits the 40
-    # poisoned rows (F1 0.43) or the transfer-confirmed cluster is not flagged (both
-    # recorded in benchmarks/RESULTS.md); training is deterministic (a fixed vocabulary,
-    # seeded, one thread), so the test sees the same model every run.
+    # Seeds 0, 1 and 2 all give F1 1.000 with their clean twins clean, since a confirmed
+    # token trigger takes every sentence carrying it (detect._carriers, exact): before, k-means
+    # isolated only 3-37 of the 40 poisoned rows and the flags stopped there (F1 0.14-0.43 or
+    # nothing flagged; seeds measured by hand). Training is deterministic (a fixed
+    # vocabulary, seeded, one thread), so the test sees the same model every run.
     kw = {"epochs": 6, "lr": 1e-3, "seed": 2}
     return {
-        "poisoned": hm.make_text_folder(tmp_path_factory.mktemp("bert_poisoned"), **kw),
-        "clean": hm.make_text_folder(tmp_path_factory.mktemp("bert_clean"), n_poison=0, **kw),
+        "poisoned": built("make_text_folder", tmp_path_factory.mktemp("bert_poisoned"), **kw),
+        "clean": built(
+            "make_text_folder", tmp_path_factory.mktemp("bert_clean"), n_poison=0, **kw
+        ),
     }
 
 
@@ -165,10 +199,7 @@ def test_image_folder_with_arch_state_dict(
 def test_vit_folder_exports_and_scans_in_the_worker(tmp_path: Path) -> None:
     """A tiny ViT folder with its preprocessor config scans a PNG folder: preprocessing from
     the folder, classes through its label2id, the head's input as features, in the worker."""
-    import torch
-
-    torch.set_num_threads(1)
-    case = hm.make_image_folder(tmp_path, n_per_class=60, n_poison=0, epochs=10)
+    case = built("make_image_folder", tmp_path, n_per_class=60, n_poison=0, epochs=10)
     code, report, err = _scan_json(case["model"], case["data"], tmp_path / "r.json")
     assert code in (0, 1), err
     assert report["model"]["framework"] == "transformers"

@@ -491,7 +491,12 @@ def _detect_class(
     if poisoned and cfg.refine and transfer is not None and best.trigger is not None:
         sharp = transfer.trigger(idx[members], seed)
         trigger = best.trigger if sharp is None else sharp
-        carried = _carriers(transfer.trigger_scores(idx, trigger), members)
+        carried = _carriers(
+            transfer.trigger_scores(idx, trigger),
+            members,
+            exact=bool(getattr(transfer, "tokens", False)),
+            max_share=cfg.max_share,
+        )
         if carried is not None:
             members, refined = carried, True
     if best.distance is None:
@@ -537,22 +542,32 @@ def _detect_class(
     ), class_scores
 
 
-def _carriers(scores: np.ndarray, members: np.ndarray) -> np.ndarray | None:
+def _carriers(
+    scores: np.ndarray, members: np.ndarray, *, exact: bool = False, max_share: float = 1.0
+) -> np.ndarray | None:
     """The samples that carry a confirmed trigger about as fully as the cluster's samples do.
 
     Clusters in activation space can be impure; the trigger itself is sharper evidence. A
     sample carries it when its score reaches the cluster's median less four robust standard
     deviations (and at least half the trigger). The result is kept only where it mostly agrees
-    with the cluster (Jaccard >= 0.5); otherwise the cluster stands.
+    with the cluster (Jaccard >= 0.5); otherwise the cluster stands. A token trigger is
+    ``exact`` (a sample holds the trigger's tokens or not): there the carriers are kept when
+    most of the cluster carries it and they are at most ``max_share`` of the class, so that a
+    small, pure cluster (a few of the poisoned sentences) grows to every sentence with the
+    trigger rather than standing alone.
     """
     inside = scores[members]
     median = float(np.median(inside))
     mad = float(np.median(np.abs(inside - median))) * 1.4826
     carriers = scores >= max(CARRIER_MIN, median - CARRIER_MADS * mad)
-    jaccard = (carriers & members).sum() / max((carriers | members).sum(), 1)
-    if not carriers.any() or carriers.all() or jaccard < CARRIER_JACCARD:
+    if not carriers.any() or carriers.all():
         return None
-    return carriers
+    shared = (carriers & members).sum()
+    if exact:
+        cover = shared / max(members.sum(), 1)
+        return carriers if cover >= CARRIER_JACCARD and carriers.mean() <= max_share else None
+    jaccard = shared / max((carriers | members).sum(), 1)
+    return None if jaccard < CARRIER_JACCARD else carriers
 
 
 def _distance(
