@@ -20,7 +20,7 @@ import hypothesis.extra.numpy as hnp
 import numpy as np
 import onnx
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper
 
@@ -129,8 +129,17 @@ def features_and_labels(draw: st.DrawFn) -> tuple[np.ndarray, np.ndarray]:
     return f, labels
 
 
+_HUGE = [  # float32 products of these overflow: the scatter and projections go to float64
+    (np.array([[v, big, 2.0], [0, 0, 0], [0, 0, 0]], np.float32), np.zeros(3, np.int64))
+    for v, big in ((2.0, 2.5521178e38), (1.0, 2.5521178e38), (1.0, 2.2592556e19))
+]
+
+
 @settings(FUZZ, max_examples=300)
 @given(data=features_and_labels(), min_size=st.sampled_from([3, 20]))
+@example(data=_HUGE[0], min_size=3)
+@example(data=_HUGE[1], min_size=3)
+@example(data=_HUGE[2], min_size=3)
 def test_detect_any_finite_input(
     warm_kernels: None, data: tuple[np.ndarray, np.ndarray], min_size: int
 ) -> None:

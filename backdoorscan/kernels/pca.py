@@ -95,8 +95,13 @@ def _scatter(X: np.ndarray, mean: np.ndarray) -> np.ndarray:
     C = np.zeros((d, d))
     m = mean.astype(X.dtype)
     for block in _blocks(X):
-        b = block - m
-        C += b.T @ b
+        with np.errstate(over="ignore", invalid="ignore"):
+            b = block - m
+            P = b.T @ b
+        if not np.isfinite(P).all():  # X's dtype overflowed (values near its limit): float64
+            b = block.astype(np.float64) - mean
+            P = b.T @ b
+        C += P
     return C
 
 
@@ -126,8 +131,13 @@ def top_eigh_sym(M: np.ndarray, k: int, seed: int = 0) -> tuple[np.ndarray, np.n
 
 
 def _matmul_centred(X: np.ndarray, mean: np.ndarray, Q: np.ndarray) -> np.ndarray:
-    """(X - mean) @ Q in float64, as X @ Q in X's dtype less the rank-one term mean @ Q."""
-    return (X @ Q.astype(X.dtype)).astype(np.float64) - mean @ Q
+    """(X - mean) @ Q in float64, as X @ Q in X's dtype less the rank-one term mean @ Q (in
+    float64 where X's dtype overflows: values near its limit)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        Y = X @ Q.astype(X.dtype)
+    if not np.isfinite(Y).all():
+        Y = X.astype(np.float64) @ Q
+    return Y.astype(np.float64) - mean @ Q
 
 
 def _randomized(
@@ -146,7 +156,11 @@ def _randomized(
     prev = None
     for _ in range(MAX_POWER_ITER):
         Q, _ = np.linalg.qr(_matmul_centred(X, mean, V))
-        Z = (X.T @ Q.astype(X.dtype)).astype(np.float64) - ones_mean * Q.sum(axis=0)
+        with np.errstate(over="ignore", invalid="ignore"):
+            XtQ = X.T @ Q.astype(X.dtype)
+        if not np.isfinite(XtQ).all():  # X's dtype overflowed: float64
+            XtQ = X.T.astype(np.float64) @ Q
+        Z = XtQ.astype(np.float64) - ones_mean * Q.sum(axis=0)
         V, s, _ = np.linalg.svd(Z, full_matrices=False)
         top = V[:, :k]
         if prev is not None:
