@@ -204,14 +204,18 @@ class ModelWorker:
     def layers(self, model_path: str | Path, **options: Any) -> list[Any]:
         """``adapters.load(model_path, **options).layers()``, in the worker: a list of
         :class:`~backdoorscan.adapters.base.LayerInfo`."""
-        from backdoorscan.adapters.base import LayerInfo
-
         path = self._model_path(model_path, options)
         reply, _ = self._request(
             {"op": "layers", "path": path, "options": options},
             (),
             f"listing the layers of {Path(path).name}",
         )
+        return self._layer_rows(reply)
+
+    def _layer_rows(self, reply: dict[str, Any]) -> list[Any]:
+        """The checked ``layers`` table of a reply, as ``LayerInfo`` rows."""
+        from backdoorscan.adapters.base import LayerInfo
+
         rows = protocol.expect(reply.get("layers"), list, "layers")
         out = []
         for row in rows:

@@ -27,6 +27,11 @@ OPS = frozenset(
 )
 
 
+def layer_table(rows: list) -> list[list]:
+    """``LayerInfo`` rows as the JSON table a ``layers`` reply carries."""
+    return [[r.name, r.op_type, list(r.shape), bool(r.default)] for r in rows]
+
+
 class HostedModels:
     """The adapters a worker holds for the scanner, by handle."""
 
@@ -87,8 +92,7 @@ class HostedModels:
             export.framework = str(getattr(adapter, "framework", export.framework))
             return {"export": protocol.export_fields(export)}, [export.model_bytes]
         if op == "model_layers":
-            table = [[r.name, r.op_type, list(r.shape), bool(r.default)] for r in adapter.layers()]
-            return {"layers": table}, []
+            return {"layers": layer_table(adapter.layers())}, []
         if op == "model_save":
             return {}, [adapter.to_bytes(str(msg["suffix"]))]
         raise ValueError(f"unknown request {op[:40]!r}")

@@ -53,21 +53,7 @@ class RemoteModel:
     def layers(self) -> list[LayerInfo]:
         """The model's hidden layers, as the worker lists them."""
         reply, _ = self._ask("model_layers", "listing the layers")
-        rows = protocol.expect(reply.get("layers"), list, "layers")
-        out = []
-        for row in rows:
-            if not (isinstance(row, list) and len(row) == 4 and isinstance(row[2], list)):
-                raise self._worker._malformed("a layer row")
-            shape = tuple(d if isinstance(d, int) else None for d in row[2])
-            out.append(
-                LayerInfo(
-                    protocol.expect(row[0], str, "layer name"),
-                    protocol.expect(row[1], str, "layer type"),
-                    shape,
-                    protocol.expect(row[3], bool, "layer default"),
-                )
-            )
-        return out
+        return self._worker._layer_rows(reply)
 
     def predict_logits(self, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
         """The model's logits for ``x``, computed in the worker a bounded chunk at a time."""

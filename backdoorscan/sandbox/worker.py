@@ -36,7 +36,7 @@ from typing import Any
 
 from backdoorscan.sandbox import protocol
 from backdoorscan.sandbox.hosted import OPS as HOSTED_OPS
-from backdoorscan.sandbox.hosted import HostedModels
+from backdoorscan.sandbox.hosted import HostedModels, layer_table
 from backdoorscan.sandbox.limits import apply_memory_limit, one_line, proc_status
 
 LOG_LIMIT = 8 << 20  # bytes the worker may write to its log (stdout and stderr)
@@ -200,8 +200,7 @@ class Worker:
             from backdoorscan import adapters
 
             rows = adapters.load(msg["path"], **msg.get("options", {})).layers()
-            table = [[r.name, r.op_type, list(r.shape), bool(r.default)] for r in rows]
-            return {"layers": table}, []
+            return {"layers": layer_table(rows)}, []
         if op == "tokenize":  # a model folder's tokenizer.json, on the scanner's texts
             from backdoorscan.adapters import hf
 
